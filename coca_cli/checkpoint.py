@@ -1,0 +1,181 @@
+"""Reading and writing weights, without ever running code from a file.
+
+Native weights are a directory with ``model.safetensors`` and ``config.json``. open_clip
+checkpoints (``.pt``/``.bin`` pickles, training checkpoints with ``state_dict`` and
+``module.`` prefixes, ``.safetensors``, hub folders with ``open_clip_config.json``) are read
+with ``torch.load(weights_only=True)``, which refuses pickles that would execute code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import CoCaConfig
+from .errors import CocaError
+
+NATIVE_WEIGHTS = "model.safetensors"
+NATIVE_CONFIG = "config.json"
+OPENCLIP_WEIGHTS = "open_clip_pytorch_model.bin"
+OPENCLIP_SAFE_WEIGHTS = "open_clip_model.safetensors"
+OPENCLIP_CONFIG = "open_clip_config.json"
+
+
+def find_weights(path: Path) -> Path:
+    """The weights file inside a native or open_clip directory, or the path itself."""
+    if not path.is_dir():
+        return path
+    for name in (NATIVE_WEIGHTS, OPENCLIP_SAFE_WEIGHTS, OPENCLIP_WEIGHTS):
+        if (path / name).is_file():
+            return path / name
+    raise CocaError(f"no weights in {path} (expected {NATIVE_WEIGHTS}, {OPENCLIP_SAFE_WEIGHTS} or {OPENCLIP_WEIGHTS})")
+
+
+def find_config(path: Path) -> Optional[Path]:
+    """The model config stored beside weights, if any (native or open_clip hub layout)."""
+    folder = path if path.is_dir() else path.parent
+    for name in (NATIVE_CONFIG, OPENCLIP_CONFIG):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Tensors from any supported checkpoint format, keys cleaned of ``module.`` prefixes."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CocaError(f"checkpoint not found: {path}")
+    path = find_weights(path)
+    if path.stat().st_size == 0:
+        raise CocaError(f"checkpoint is empty: {path}")
+    if path.suffix == ".safetensors":
+        try:
+            state = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise CocaError(f"cannot read {path}: not a valid safetensors file ({_first_line(err)})") from None
+    else:
+        state = _load_pickle(path)
+    if not state:
+        raise CocaError(f"checkpoint {path} holds no tensors")
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+
+
+def _load_pickle(path: Path) -> dict:
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols on stderr; we report errors ourselves
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CocaError(
+            f"refusing to load {path}: it is not a plain-tensor PyTorch checkpoint, and unpickling it "
+            f"fully could run code ({_unpickler_detail(err)})"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise CocaError(f"cannot read {path}: not a PyTorch checkpoint or truncated ({_first_line(err)})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CocaError(f"{path} is not a state dict of tensors")
+    return obj
+
+
+def _unpickler_detail(err: Exception) -> str:
+    """torch's weights-only error is a paragraph; keep its one informative line."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        if line.endswith("WeightsUnpickler error:") and i + 1 < len(lines):
+            return lines[i + 1][:200]
+    return _first_line(err)
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:200] if text else type(err).__name__
+
+
+def check_fits(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """Raise a CocaError naming missing, unexpected or mis-shaped keys; fix benign differences."""
+    expected = model.state_dict()
+    state = dict(state)
+    if "logit_scale" in state and state["logit_scale"].shape != expected["logit_scale"].shape:
+        state["logit_scale"] = state["logit_scale"].reshape(expected["logit_scale"].shape)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong_shape = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_names(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_names(unexpected)}")
+    if wrong_shape:
+        problems.append("shape mismatch: " + _names(
+            [f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}" for k in wrong_shape]))
+    if problems:
+        raise CocaError(f"checkpoint {source} does not fit the model config: " + "; ".join(problems))
+    return state
+
+
+def _names(keys: list[str], limit: int = 6) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
+    state = check_fits(model, load_state_dict(path), str(path))
+    model.load_state_dict(state, strict=True)
+
+
+# -- writing ---------------------------------------------------------------------------------
+
+def _atomic_write(target: Path, write) -> None:
+    """Write through a temporary file in the same folder, then rename: never a half file."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+
+def save_native(model: nn.Module, config: CoCaConfig, output: str | os.PathLike) -> Path:
+    """``DIR/model.safetensors`` + ``DIR/config.json``: what every ``--pretrained`` accepts."""
+    out = Path(output)
+    state = _contiguous(model.state_dict())
+    _atomic_write(out / NATIVE_WEIGHTS, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    text = json.dumps(config.to_dict(), indent=2) + "\n"
+    _atomic_write(out / NATIVE_CONFIG, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    return out
+
+
+def save_openclip(model: nn.Module, config: CoCaConfig, output: str | os.PathLike, preprocess: dict) -> Path:
+    """open_clip's hub layout, loadable by ``open_clip.create_model('local-dir:DIR')`` or strictly."""
+    out = Path(output)
+    state = _contiguous(model.state_dict())
+    _atomic_write(out / OPENCLIP_WEIGHTS, lambda tmp: torch.save(state, tmp))
+    text = json.dumps({"model_cfg": config.to_dict(), "preprocess_cfg": preprocess}, indent=2) + "\n"
+    _atomic_write(out / OPENCLIP_CONFIG, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    return out

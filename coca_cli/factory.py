@@ -1,0 +1,103 @@
+"""Building models, transforms and tokenizers by name, as open_clip's factory does."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .checkpoint import find_config, load_weights
+from .config import CoCaConfig, get_model_config
+from .errors import CocaError
+from .model import CoCa
+from .pretrained import resolve
+from .tokenizer import Tokenizer
+from .transforms import OPENAI_MEAN, OPENAI_STD, PreprocessCfg, image_transform
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_config(model_name: Optional[str], pretrained: Optional[str] = None,
+                   cache_dir: Optional[str] = None) -> tuple[CoCaConfig, Optional[Path]]:
+    """The model config and local weights path for a (model, pretrained) pair.
+
+    With ``model_name=None`` the config stored beside the weights is used (native export,
+    ``hf-hub:`` repo or open_clip hub folder).
+    """
+    cfg = get_model_config(model_name) if model_name is not None else None  # bad names fail before downloads
+    weights = resolve(model_name, pretrained, cache_dir) if pretrained else None
+    if cfg is None:
+        stored = find_config(weights) if weights is not None else None
+        if stored is None:
+            raise CocaError("no model given: pass --model NAME, or --pretrained a folder holding config.json")
+        return get_model_config(stored), weights
+    return cfg, weights
+
+
+def create_model(
+    model_name: Optional[str] = "coca_ViT-B-32",
+    pretrained: Optional[str | os.PathLike] = None,
+    precision: str = "fp32",
+    device: str | torch.device = "cpu",
+    cache_dir: Optional[str] = None,
+    **overrides,
+) -> CoCa:
+    """A CoCa model in eval mode; ``pretrained`` is a tag, ``hf-hub:`` name or local path.
+
+    ``overrides`` replace top-level config fields (e.g. ``init_logit_bias``).
+    """
+    if precision not in PRECISIONS:
+        raise CocaError(f"unknown precision '{precision}' (choose from {', '.join(PRECISIONS)})")
+    cfg, weights = resolve_config(model_name, str(pretrained) if pretrained else None, cache_dir)
+    for key, value in overrides.items():
+        if not hasattr(cfg, key):
+            raise CocaError(f"unknown model option '{key}'")
+        setattr(cfg, key, value)
+    dtype = PRECISIONS[precision]
+    model = CoCa.from_config(cfg, cast_dtype=dtype if dtype != torch.float32 else None)
+    if weights is not None:
+        load_weights(model, weights)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def preprocess_config(model: CoCa) -> PreprocessCfg:
+    """CoCa weights expect OpenAI's mean/std, bicubic resize of the short side."""
+    return PreprocessCfg(size=model.visual.image_size, mean=OPENAI_MEAN, std=OPENAI_STD,
+                         interpolation="bicubic", resize_mode="shortest")
+
+
+def create_model_and_transforms(
+    model_name: Optional[str] = "coca_ViT-B-32",
+    pretrained: Optional[str | os.PathLike] = None,
+    precision: str = "fp32",
+    device: str | torch.device = "cpu",
+    cache_dir: Optional[str] = None,
+    image_mean: Optional[tuple] = None,
+    image_std: Optional[tuple] = None,
+    aug_cfg: Optional[dict] = None,
+    **overrides,
+):
+    """(model, train transform, eval transform), like ``open_clip.create_model_and_transforms``."""
+    model = create_model(model_name, pretrained, precision, device, cache_dir, **overrides)
+    pp = preprocess_config(model)
+    mean, std = image_mean or pp.mean, image_std or pp.std
+    train = image_transform(pp.size, is_train=True, mean=mean, std=std, aug_cfg=aug_cfg)
+    val = image_transform(pp.size, is_train=False, mean=mean, std=std,
+                          interpolation=pp.interpolation, resize_mode=pp.resize_mode)
+    return model, train, val
+
+
+def get_tokenizer(model_name: Optional[str] = "coca_ViT-B-32", context_length: Optional[int] = None,
+                  pretrained: Optional[str] = None) -> Tokenizer:
+    """The CLIP BPE tokenizer with the model's context length (76 for the CoCa configs)."""
+    if model_name is None and pretrained is not None:
+        cfg = resolve_config(None, str(pretrained))[0]  # the config stored with the weights
+    else:
+        cfg = get_model_config(model_name) if model_name is not None else None
+    if cfg is not None and cfg.text_cfg.hf_tokenizer_name:
+        from .hf_text import HFTokenizer
+
+        return HFTokenizer(cfg.text_cfg.hf_tokenizer_name, context_length or cfg.text_cfg.context_length)
+    return Tokenizer(context_length=context_length or (cfg.text_cfg.context_length if cfg else 77))

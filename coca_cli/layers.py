@@ -1,0 +1,262 @@
+"""Transformer building blocks shared by the image encoder, text encoder and decoder.
+
+Parameter names follow open_clip's (``attn.in_proj_weight``, ``mlp.c_fc`` ...), so an
+open_clip CoCa state dict loads here with ``strict=True`` and back again.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch import nn
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm that returns the input dtype (weights may be fp32 under autocast)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps).to(x.dtype)
+
+
+class LayerNormFp32(nn.LayerNorm):
+    """LayerNorm computed in fp32, for models cast to fp16/bf16."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
+
+
+class QuickGELU(nn.Module):
+    """The sigmoid approximation of GELU used by OpenAI's CLIP weights."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim: int, init_value: float):
+        super().__init__()
+        self.gamma = nn.Parameter(init_value * torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class KVCache:
+    """Keys and values of past positions for one attention layer, grown one step at a time.
+
+    ``keep`` is the per-key boolean mask (True = may be attended); the text encoder needs
+    it because open_clip masks keys that follow a padding token.
+    """
+
+    def __init__(self):
+        self.k: Optional[torch.Tensor] = None  # [B, heads, T, head_dim]
+        self.v: Optional[torch.Tensor] = None
+        self.keep: Optional[torch.Tensor] = None  # [B, T] bool, or None when all keys are kept
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, keep: Optional[torch.Tensor]):
+        if self.k is None:
+            self.k, self.v, self.keep = k, v, keep
+            return
+        self.k = torch.cat([self.k, k], dim=2)
+        self.v = torch.cat([self.v, v], dim=2)
+        if keep is not None or self.keep is not None:
+            old = self.keep if self.keep is not None else self.k.new_ones(self.k.shape[0], self.k.shape[2] - k.shape[2], dtype=torch.bool)
+            new = keep if keep is not None else k.new_ones(k.shape[0], k.shape[2], dtype=torch.bool)
+            self.keep = torch.cat([old, new], dim=1)
+
+    def select(self, index: torch.Tensor):
+        """Keep and reorder batch rows (beam reordering, dropping finished rows)."""
+        self.k = self.k.index_select(0, index)
+        self.v = self.v.index_select(0, index)
+        if self.keep is not None:
+            self.keep = self.keep.index_select(0, index)
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+
+class Attention(nn.Module):
+    """Multi-head attention through ``F.scaled_dot_product_attention``.
+
+    Weights are laid out like ``nn.MultiheadAttention``: one fused ``in_proj_weight`` when
+    queries and keys have the same width, separate ``q/k/v_proj_weight`` otherwise.
+    """
+
+    def __init__(self, dim: int, heads: int, kv_dim: Optional[int] = None):
+        super().__init__()
+        assert dim % heads == 0, "width must be divisible by the number of heads"
+        kv_dim = kv_dim or dim
+        self.heads = heads
+        self.fused = kv_dim == dim
+        if self.fused:
+            self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
+        else:
+            self.q_proj_weight = nn.Parameter(torch.empty(dim, dim))
+            self.k_proj_weight = nn.Parameter(torch.empty(dim, kv_dim))
+            self.v_proj_weight = nn.Parameter(torch.empty(dim, kv_dim))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
+        self.out_proj = nn.Linear(dim, dim)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        for weight in (self.in_proj_weight,) if self.fused else (self.q_proj_weight, self.k_proj_weight, self.v_proj_weight):
+            nn.init.xavier_uniform_(weight)
+        nn.init.zeros_(self.in_proj_bias)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def _weights(self):
+        if self.fused:
+            return self.in_proj_weight.chunk(3)
+        return self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        return x.view(B, T, self.heads, C // self.heads).transpose(1, 2)  # [B, heads, T, head_dim]
+
+    def project_qkv(self, x: torch.Tensor):
+        """Self-attention projections in one matmul: [B, T, C] -> 3 x [B, heads, T, head_dim]."""
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        return [self._split_heads(t) for t in qkv.chunk(3, dim=-1)]
+
+    def project_kv(self, context: torch.Tensor):
+        """Cross-attention keys and values of a context, computed once and reusable."""
+        _, w_k, w_v = self._weights()
+        _, b_k, b_v = self.in_proj_bias.chunk(3)
+        if self.fused:
+            kv = F.linear(context, torch.cat([w_k, w_v]), torch.cat([b_k, b_v]))
+            k, v = kv.chunk(2, dim=-1)
+        else:
+            k, v = F.linear(context, w_k, b_k), F.linear(context, w_v, b_v)
+        return self._split_heads(k), self._split_heads(v)
+
+    def project_q(self, x: torch.Tensor) -> torch.Tensor:
+        w_q = self._weights()[0]
+        return self._split_heads(F.linear(x, w_q, self.in_proj_bias.chunk(3)[0]))
+
+    def attend(self, q, k, v, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """q [B, h, Tq, d], k/v [B, h, Tk, d], boolean mask (True = attend) -> [B, Tq, C]."""
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        B, h, T, d = x.shape
+        return self.out_proj(x.transpose(1, 2).reshape(B, T, h * d))
+
+    def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None):
+        if context is None:
+            q, k, v = self.project_qkv(x)
+        else:
+            q = self.project_q(x)
+            k, v = self.project_kv(context)
+        return self.attend(q, k, v, mask)
+
+
+class ResidualBlock(nn.Module):
+    """Pre-norm transformer block: attention then MLP, each with a residual.
+
+    With ``cross_attention=True`` the block attends to a context (the image tokens) instead
+    of to itself; the context gets its own LayerNorm, ``ln_1_kv``.
+    """
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, ls_init_value: Optional[float] = None,
+                 act_layer=nn.GELU, norm_layer=LayerNorm, cross_attention: bool = False):
+        super().__init__()
+        self.ln_1 = norm_layer(width)
+        self.attn = Attention(width, heads)
+        self.ls_1 = LayerScale(width, ls_init_value) if ls_init_value is not None else nn.Identity()
+        if cross_attention:
+            self.ln_1_kv = norm_layer(width)
+        self.ln_2 = norm_layer(width)
+        hidden = int(width * mlp_ratio)
+        self.mlp = nn.Sequential(OrderedDict([
+            ("c_fc", nn.Linear(width, hidden)),
+            ("gelu", act_layer()),
+            ("c_proj", nn.Linear(hidden, width)),
+        ]))
+        self.ls_2 = LayerScale(width, ls_init_value) if ls_init_value is not None else nn.Identity()
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, context: Optional[torch.Tensor] = None):
+        if context is not None:
+            context = self.ln_1_kv(context)
+        x = x + self.ls_1(self.attn(self.ln_1(x), context=context, mask=mask))
+        return x + self.ls_2(self.mlp(self.ln_2(x)))
+
+    # -- incremental decoding -------------------------------------------------------------
+    def step_self(self, x: torch.Tensor, cache: KVCache, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Run new positions ``x`` [B, T_new, C] attending to themselves (causally) and the cache."""
+        q, k, v = self.attn.project_qkv(self.ln_1(x))
+        past = cache.length
+        cache.append(k, v, keep)
+        T_new, T_all = x.shape[1], cache.length
+        if T_new == 1:  # one new query sees every cached key: no causal mask needed
+            mask = None if cache.keep is None else cache.keep[:, None, None, :]  # [B, 1, 1, T_all]
+        else:
+            mask = causal_mask(T_all, x.device)[past:T_all]  # [T_new, T_all]
+            if cache.keep is not None:
+                mask = mask.unsqueeze(0) & cache.keep[:, None, :]
+                mask = mask.unsqueeze(1)  # [B, 1, T_new, T_all]
+        x = x + self.ls_1(self.attn.attend(q, cache.k, cache.v, mask))
+        return x + self.ls_2(self.mlp(self.ln_2(x)))
+
+    def context_kv(self, context: torch.Tensor):
+        return self.attn.project_kv(self.ln_1_kv(context))
+
+    def step_cross(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Cross-attend new positions ``x`` [R, T, C] to a context's keys/values [K, heads, N, d].
+
+        R may be a multiple m of K: rows then come in runs of m sharing one context (the beams
+        of one image), and are folded into the query axis, so a context's keys/values are
+        never copied per row. Each query attends independently, so the result is unchanged.
+        """
+        rows, T, C = x.shape
+        contexts = k.shape[0]
+        if rows != contexts:
+            if rows % contexts:
+                raise ValueError(f"{rows} rows cannot share {contexts} cross-attention contexts evenly")
+            x = x.reshape(contexts, rows // contexts * T, C)
+        q = self.attn.project_q(self.ln_1(x))
+        x = x + self.ls_1(self.attn.attend(q, k, v))
+        x = x + self.ls_2(self.mlp(self.ln_2(x)))
+        return x.reshape(rows, T, C)
+
+
+def causal_mask(size: int, device=None) -> torch.Tensor:
+    """Boolean [size, size] mask, True where a query may attend (itself and the past)."""
+    return torch.ones(size, size, dtype=torch.bool, device=device).tril()
+
+
+def init_transformer_blocks(blocks, width: int, layers: int):
+    """GPT-2/CLIP-style init: smaller output projections for deeper stacks."""
+    proj_std = (width ** -0.5) * ((2 * layers) ** -0.5)
+    attn_std = width ** -0.5
+    fc_std = (2 * width) ** -0.5
+    for block in blocks:
+        nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
+        nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+        nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
+        nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+
+
+class Transformer(nn.Module):
+    """A stack of residual blocks, with optional activation checkpointing."""
+
+    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float = 4.0,
+                 ls_init_value: Optional[float] = None, act_layer=nn.GELU, norm_layer=LayerNorm):
+        super().__init__()
+        self.width, self.layers = width, layers
+        self.grad_checkpointing = False
+        self.resblocks = nn.ModuleList([
+            ResidualBlock(width, heads, mlp_ratio, ls_init_value, act_layer, norm_layer) for _ in range(layers)
+        ])
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        for block in self.resblocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, mask, use_reentrant=False)
+            else:
+                x = block(x, mask)
+        return x

@@ -1,0 +1,127 @@
+"""CoCa: an image encoder, a unimodal text encoder and a multimodal decoder.
+
+    image -> VisionTransformer -> image latent ----------------------> contrastive loss
+                               \\-> image tokens --\\                  /
+    text  -> TextTransformer ---> text latent (CLS) -----------------/
+                               \\-> token embeddings -> MultimodalDecoder -> caption logits
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import CLIPTextCfg, CLIPVisionCfg, CoCaConfig, MultimodalCfg
+from .decoder import MultimodalDecoder
+from .layers import LayerNorm, LayerNormFp32, QuickGELU
+from .text import TextTransformer
+from .vision import VisionTransformer
+
+
+def _as(cls, cfg):
+    return cls(**cfg) if isinstance(cfg, dict) else cfg
+
+
+class CoCa(nn.Module):
+    def __init__(
+        self,
+        embed_dim: int,
+        multimodal_cfg: MultimodalCfg,
+        text_cfg: CLIPTextCfg,
+        vision_cfg: CLIPVisionCfg,
+        quick_gelu: bool = False,
+        init_logit_scale: float = math.log(1 / 0.07),
+        init_logit_bias: Optional[float] = None,
+        nonscalar_logit_scale: bool = False,
+        cast_dtype: Optional[torch.dtype] = None,
+        pad_id: int = 0,
+    ):
+        super().__init__()
+        multimodal_cfg = _as(MultimodalCfg, multimodal_cfg)
+        text_cfg = _as(CLIPTextCfg, text_cfg)
+        vision_cfg = _as(CLIPVisionCfg, vision_cfg)
+        act_layer = QuickGELU if quick_gelu else nn.GELU
+        norm_layer = LayerNormFp32 if cast_dtype in (torch.float16, torch.bfloat16) else LayerNorm
+
+        if text_cfg.hf_model_name:
+            from .hf_text import HFTextEncoder  # optional dependency: transformers
+
+            self.text = HFTextEncoder(text_cfg, output_dim=embed_dim)
+        else:
+            self.text = TextTransformer(text_cfg, embed_dim, act_layer, norm_layer)
+        self.visual = VisionTransformer(vision_cfg, embed_dim, act_layer, norm_layer)
+        self.text_decoder = MultimodalDecoder(multimodal_cfg, text_cfg.vocab_size, act_layer, norm_layer)
+
+        shape = [1] if nonscalar_logit_scale else []
+        self.logit_scale = nn.Parameter(torch.ones(shape) * init_logit_scale)
+        self.logit_bias = nn.Parameter(torch.ones(shape) * init_logit_bias) if init_logit_bias is not None else None
+        self.pad_id = pad_id
+        self.context_length = multimodal_cfg.context_length
+
+    @classmethod
+    def from_config(cls, cfg: CoCaConfig, cast_dtype: Optional[torch.dtype] = None) -> "CoCa":
+        extra = {}
+        if cfg.init_logit_scale is not None:
+            extra["init_logit_scale"] = cfg.init_logit_scale
+        model = cls(cfg.embed_dim, cfg.multimodal_cfg, cfg.text_cfg, cfg.vision_cfg, quick_gelu=cfg.quick_gelu,
+                    init_logit_bias=cfg.init_logit_bias, cast_dtype=cast_dtype, pad_id=cfg.text_cfg.pad_id, **extra)
+        model.config = cfg
+        return model
+
+    def set_grad_checkpointing(self, enable: bool = True):
+        self.visual.set_grad_checkpointing(enable)
+        self.text.set_grad_checkpointing(enable)
+        self.text_decoder.set_grad_checkpointing(enable)
+
+    def _encode_image(self, images: torch.Tensor, normalize: bool = True):
+        latent, tokens = self.visual(images)
+        return (F.normalize(latent, dim=-1) if normalize else latent), tokens
+
+    def _encode_text(self, text: torch.Tensor, normalize: bool = True):
+        latent, tokens = self.text(text)
+        return (F.normalize(latent, dim=-1) if normalize else latent), tokens
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        return self._encode_image(images, normalize)[0]
+
+    def encode_text(self, text: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        return self._encode_text(text, normalize)[0]
+
+    def forward(
+        self,
+        image: Optional[torch.Tensor],
+        text: Optional[torch.Tensor] = None,
+        image_latent: Optional[torch.Tensor] = None,
+        image_embs: Optional[torch.Tensor] = None,
+        output_labels: bool = True,
+    ) -> dict:
+        if image_latent is None or image_embs is None:
+            image_latent, image_embs = self._encode_image(image)
+        if text is None:
+            return {"image_features": image_latent, "image_embs": image_embs}
+
+        text_latent, token_embs = self._encode_text(text)
+        labels = text[:, 1:] if output_labels else None
+        if output_labels:
+            token_embs = token_embs[:, :-1]  # position t predicts token t+1 (teacher forcing)
+        out = {
+            "image_features": image_latent,
+            "text_features": text_latent,
+            "logits": self.text_decoder(image_embs, token_embs),
+            "logit_scale": self.logit_scale.exp(),
+        }
+        if labels is not None:
+            out["labels"] = labels
+        if self.logit_bias is not None:
+            out["logit_bias"] = self.logit_bias
+        return out
+
+    def generate(self, image: torch.Tensor, text: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
+        """Caption token ids for a batch of images; see :func:`coca_cli.generation.generate`."""
+        from .generation import generate
+
+        return generate(self, image, text, **kwargs)

@@ -1,0 +1,116 @@
+"""Unimodal text encoder: a causal transformer over tokens with a CLS token appended.
+
+The CLS output is the contrastive text feature; the other positions are the token
+embeddings the multimodal decoder continues from.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .config import CLIPTextCfg
+from .layers import KVCache, LayerNorm, Transformer, causal_mask, init_transformer_blocks
+
+
+class TextTransformer(nn.Module):
+    def __init__(self, cfg: CLIPTextCfg, output_dim: int, act_layer=nn.GELU, norm_layer=LayerNorm):
+        super().__init__()
+        self.context_length = cfg.context_length
+        self.output_tokens = cfg.output_tokens
+        self.pad_id = cfg.pad_id
+        self.pool_type = cfg.pool_type
+        self.heads = cfg.heads
+        width = cfg.width
+        self.num_pos = cfg.context_length + (1 if cfg.embed_cls else 0)
+
+        self.token_embedding = nn.Embedding(cfg.vocab_size, width)
+        self.cls_emb = nn.Parameter(torch.empty(width)) if cfg.embed_cls else None
+        self.positional_embedding = nn.Parameter(torch.empty(self.num_pos, width))
+        self.transformer = Transformer(width, cfg.layers, cfg.heads, cfg.mlp_ratio, cfg.ls_init_value,
+                                       act_layer, norm_layer)
+        self.ln_final = norm_layer(width)
+        if cfg.proj_bias:
+            self.text_projection = nn.Linear(width, output_dim)
+        else:
+            self.text_projection = nn.Parameter(torch.empty(width, output_dim))
+        self.init_parameters()
+
+    def init_parameters(self):
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        if self.cls_emb is not None:
+            nn.init.normal_(self.cls_emb, std=0.01)
+        init_transformer_blocks(self.transformer.resblocks, self.transformer.width, self.transformer.layers)
+        if isinstance(self.text_projection, nn.Linear):
+            nn.init.normal_(self.text_projection.weight, std=self.transformer.width ** -0.5)
+            nn.init.zeros_(self.text_projection.bias)
+        else:
+            nn.init.normal_(self.text_projection, std=self.transformer.width ** -0.5)
+
+    def set_grad_checkpointing(self, enable: bool = True):
+        self.transformer.grad_checkpointing = enable
+
+    def key_keep_mask(self, text: torch.Tensor, previous: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """Which key positions may be attended, [B, T] bool (None: all of them).
+
+        open_clip builds CoCa's padding mask with the CLS slot put first, so it is shifted by
+        one: a key is hidden when the token *before* it is padding. Pretrained weights were
+        trained with that mask, so we reproduce it. ``previous`` is the token preceding
+        ``text`` when decoding incrementally (None at the start of the sequence).
+        """
+        if self.cls_emb is None:
+            return None
+        if previous is None:
+            first = torch.ones_like(text[:, :1], dtype=torch.bool)
+        else:
+            first = (previous != self.pad_id).unsqueeze(1)
+        return torch.cat([first, text[:, :-1] != self.pad_id], dim=1)
+
+    def _project(self, pooled: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.text_projection, nn.Linear):
+            return self.text_projection(pooled)
+        return pooled @ self.text_projection
+
+    def forward(self, text: torch.Tensor):
+        """[B, L] token ids -> latent [B, output_dim] and token embeddings [B, L, width]."""
+        B, L = text.shape
+        x = self.token_embedding(text)  # [B, L, width]
+        keep = None
+        if self.cls_emb is not None:
+            x = torch.cat([x, self.cls_emb.to(x.dtype).expand(B, 1, -1)], dim=1)  # [B, L+1, width]
+            cls_keep = (text[:, -1:] != self.pad_id)
+            keep = torch.cat([self.key_keep_mask(text), cls_keep], dim=1)
+        T = x.shape[1]
+        x = x + self.positional_embedding[:T].to(x.dtype)
+        mask = causal_mask(T, x.device)
+        if keep is not None:
+            mask = (mask.unsqueeze(0) & keep[:, None, :]).unsqueeze(1)  # [B, 1, T, T]
+        x = self.transformer(x, mask)
+
+        if self.cls_emb is not None:
+            pooled, tokens = self.ln_final(x[:, -1]), x[:, :-1]
+        else:
+            x = self.ln_final(x)
+            tokens = x
+            index = {"argmax": text.argmax(dim=-1), "first": torch.zeros_like(text[:, 0])}.get(
+                self.pool_type, torch.full_like(text[:, 0], L - 1))
+            pooled = x[torch.arange(B, device=x.device), index]
+        pooled = self._project(pooled)
+        return (pooled, tokens) if self.output_tokens else pooled
+
+    # -- incremental decoding -------------------------------------------------------------
+    def new_cache(self) -> list[KVCache]:
+        return [KVCache() for _ in self.transformer.resblocks]
+
+    def step(self, tokens: torch.Tensor, cache: list[KVCache], previous: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Token embeddings for new tokens [B, T_new] given the cached past (CLS not needed)."""
+        start = cache[0].length
+        x = self.token_embedding(tokens)
+        x = x + self.positional_embedding[start:start + tokens.shape[1]].to(x.dtype)
+        keep = self.key_keep_mask(tokens, previous)
+        for block, layer_cache in zip(self.transformer.resblocks, cache):
+            x = block.step_self(x, layer_cache, keep)
+        return x

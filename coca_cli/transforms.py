@@ -1,0 +1,432 @@
+"""Image loading and preprocessing for CoCa.
+
+The transforms built here give the same tensors as open_clip 3.3.0's
+``image_transform`` / ``image_transform_v2`` (which is what
+``open_clip.create_model_and_transforms`` hands back for CoCa models), but only
+depend on torchvision.  The order of operations deliberately follows open_clip:
+geometric ops (resize / crop / pad) run on the image *in its original PIL mode*
+and the conversion to RGB happens afterwards.  This matters for exact parity on
+palette images (Pillow resizes mode ``P`` with nearest-neighbour), RGBA images
+(Pillow resizes with premultiplied alpha) and 16-bit images (values are clipped
+to 255 only after resizing).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+import os
+import random
+import re
+import warnings
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image, UnidentifiedImageError
+from torchvision.transforms import (
+    CenterCrop,
+    ColorJitter,
+    Compose,
+    Grayscale,
+    InterpolationMode,
+    Normalize,
+    RandomResizedCrop,
+    Resize,
+    ToTensor,
+)
+
+__all__ = [
+    "OPENAI_MEAN",
+    "OPENAI_STD",
+    "PreprocessCfg",
+    "AugmentationCfg",
+    "image_transform",
+    "image_transform_v2",
+    "ImageLoadError",
+    "load_image",
+]
+
+OPENAI_MEAN: Tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD: Tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+SizeLike = Union[int, Tuple[int, int]]
+
+_RESIZE_MODES = ("shortest", "longest", "squash")
+# open_clip accepts 'random' too; at inference it silently means bicubic.
+_INTERPOLATIONS = ("bicubic", "bilinear", "random")
+
+
+@dataclass
+class PreprocessCfg:
+    """Preprocessing settings, mirroring the fields of open_clip's PreprocessCfg."""
+
+    size: SizeLike = 224
+    mean: Tuple[float, ...] = OPENAI_MEAN
+    std: Tuple[float, ...] = OPENAI_STD
+    interpolation: str = "bicubic"
+    resize_mode: str = "shortest"
+    fill_color: int = 0
+
+
+@dataclass
+class AugmentationCfg:
+    """The subset of open_clip's AugmentationCfg honoured by its default (non-timm) path.
+
+    ``color_jitter`` only takes effect when ``color_jitter_prob`` is set (as in
+    open_clip).  ``ratio``, ``re_prob`` and ``re_count`` are accepted for
+    config compatibility but, like open_clip without timm, ignored (with a
+    warning).  ``use_timm=True`` is not supported.
+    """
+
+    scale: Tuple[float, float] = (0.9, 1.0)
+    ratio: Optional[Tuple[float, float]] = None
+    color_jitter: Optional[Tuple[float, float, float, float]] = None
+    re_prob: Optional[float] = None
+    re_count: Optional[int] = None
+    use_timm: bool = False
+    color_jitter_prob: Optional[float] = None
+    gray_scale_prob: Optional[float] = None
+
+
+# --------------------------------------------------------------------------- #
+# small building blocks
+# --------------------------------------------------------------------------- #
+
+
+def _pair(size: SizeLike) -> Tuple[int, int]:
+    """(height, width) from an int or a 1/2-element sequence."""
+    if isinstance(size, numbers.Number):
+        return int(size), int(size)
+    size = tuple(size)
+    if len(size) == 1:
+        return int(size[0]), int(size[0])
+    if len(size) != 2:
+        raise ValueError(f"image size must be an int or (height, width), got {size!r}")
+    return int(size[0]), int(size[1])
+
+
+def _triple(value, default) -> Tuple[float, ...]:
+    value = value or default
+    if isinstance(value, (list, tuple)):
+        return tuple(value)
+    return (value,) * 3
+
+
+class ToRGB:
+    """``PIL.Image.convert('RGB')`` for PIL images; arrays/tensors pass through.
+
+    Pillow's conversion covers L, LA, P (with or without transparency), RGBA,
+    CMYK, YCbCr, I, F and 16-bit I;16 images (16-bit values are clipped to 255).
+    """
+
+    def __call__(self, img):
+        if isinstance(img, Image.Image):
+            return img.convert("RGB")
+        return img
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class ToTensorIfNeeded(ToTensor):
+    """torchvision ``ToTensor`` that leaves tensors untouched."""
+
+    def __call__(self, pic):
+        if isinstance(pic, torch.Tensor):
+            return pic
+        return super().__call__(pic)
+
+
+class ResizeKeepRatio:
+    """Resize keeping the aspect ratio so the image fits a (h, w) box.
+
+    ``longest=True``: the longer side (relative to the box) matches the box
+    and the other fits inside it.  ``longest=False``: the shorter side matches
+    and the other overflows.  New side lengths use Python's ``round`` (as
+    open_clip/timm do), unlike torchvision's int-size ``Resize`` which
+    truncates.
+    """
+
+    def __init__(self, size: SizeLike, longest: bool,
+                 interpolation: InterpolationMode = InterpolationMode.BICUBIC):
+        self.size = _pair(size)
+        self.longest = bool(longest)
+        self.interpolation = interpolation
+
+    def target_size(self, width: int, height: int) -> Tuple[int, int]:
+        box_h, box_w = self.size
+        scale_h, scale_w = height / box_h, width / box_w
+        factor = max(scale_h, scale_w) if self.longest else min(scale_h, scale_w)
+        return round(height / factor), round(width / factor)
+
+    def __call__(self, img):
+        _, height, width = TF.get_dimensions(img)
+        new_h, new_w = self.target_size(width, height)
+        return TF.resize(img, [new_h, new_w], self.interpolation)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(size={self.size}, longest={self.longest}, "
+                f"interpolation={self.interpolation.value})")
+
+
+class CenterCropOrPad:
+    """Center-crop to (h, w); sides that are too short are first padded with ``fill``.
+
+    Padding puts the odd pixel on the right/bottom.  Note that for a palette
+    (``P``) image the fill value is a palette *index*.
+    """
+
+    def __init__(self, size: SizeLike, fill: int = 0):
+        self.size = _pair(size)
+        self.fill = fill
+
+    def __call__(self, img):
+        out_h, out_w = self.size
+        _, height, width = TF.get_dimensions(img)
+        pad_w = max(out_w - width, 0)
+        pad_h = max(out_h - height, 0)
+        if pad_w or pad_h:
+            # torchvision order: left, top, right, bottom
+            img = TF.pad(img, [pad_w // 2, pad_h // 2, pad_w - pad_w // 2, pad_h - pad_h // 2],
+                         fill=self.fill)
+        # torchvision's center_crop uses the same rounding as open_clip and is
+        # a no-op when the image already has the target size.
+        return TF.center_crop(img, [out_h, out_w])
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size}, fill={self.fill})"
+
+
+class RandomColorJitter:
+    """Color jitter applied with probability ``p``.
+
+    The coin flip uses Python's ``random`` module (not torch) so that a run
+    seeded like open_clip's draws the very same augmentations.
+    """
+
+    def __init__(self, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0, p=0.8):
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"probability must be in [0, 1], got {p}")
+        self.p = p
+        self.jitter = ColorJitter(brightness=brightness, contrast=contrast,
+                                  saturation=saturation, hue=hue)
+
+    def __call__(self, img):
+        return self.jitter(img) if random.random() < self.p else img
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(p={self.p}, {self.jitter!r})"
+
+
+class RandomGrayscale3:
+    """3-channel grayscale with probability ``p`` (Python ``random`` coin flip)."""
+
+    def __init__(self, p=0.2):
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"probability must be in [0, 1], got {p}")
+        self.p = p
+        self.gray = Grayscale(num_output_channels=3)
+
+    def __call__(self, img):
+        return self.gray(img) if random.random() < self.p else img
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(p={self.p})"
+
+
+def _as_aug_cfg(aug_cfg) -> AugmentationCfg:
+    if aug_cfg is None:
+        return AugmentationCfg()
+    if isinstance(aug_cfg, AugmentationCfg):
+        return aug_cfg
+    if isinstance(aug_cfg, Mapping):
+        values = dict(aug_cfg)
+    elif dataclasses.is_dataclass(aug_cfg):  # e.g. open_clip's own AugmentationCfg
+        values = dataclasses.asdict(aug_cfg)
+    else:
+        raise TypeError(f"aug_cfg must be a dict or AugmentationCfg, got {type(aug_cfg).__name__}")
+    known = {f.name for f in dataclasses.fields(AugmentationCfg)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise TypeError(f"unknown augmentation option(s): {', '.join(unknown)}")
+    # a None entry means "use the default", as in open_clip
+    return AugmentationCfg(**{k: v for k, v in values.items() if v is not None})
+
+
+def _train_transform(image_size, mean, std, aug_cfg) -> Compose:
+    aug = _as_aug_cfg(aug_cfg)
+    if aug.use_timm:
+        raise NotImplementedError("aug_cfg use_timm=True (timm's create_transform) is not supported")
+    ignored = [name for name in ("ratio", "re_prob", "re_count") if getattr(aug, name) is not None]
+    if ignored:
+        warnings.warn(f"augmentation option(s) {ignored} only apply to timm transforms; ignored")
+
+    steps = [
+        # open_clip always crops with bicubic here, whatever `interpolation` says,
+        # and uses torchvision's default aspect-ratio range.
+        RandomResizedCrop(image_size, scale=tuple(aug.scale), interpolation=InterpolationMode.BICUBIC),
+        ToRGB(),
+    ]
+    if aug.color_jitter_prob:
+        jitter = aug.color_jitter
+        if jitter is None or isinstance(jitter, numbers.Number) or len(jitter) != 4:
+            raise ValueError("color_jitter_prob needs color_jitter = "
+                             "(brightness, contrast, saturation, hue)")
+        steps.append(RandomColorJitter(*jitter, p=aug.color_jitter_prob))
+    if aug.gray_scale_prob:
+        steps.append(RandomGrayscale3(aug.gray_scale_prob))
+    steps += [ToTensorIfNeeded(), Normalize(mean=mean, std=std)]
+    return Compose(steps)
+
+
+def _eval_transform(image_size, mean, std, interpolation, resize_mode, fill_color) -> Compose:
+    interp = InterpolationMode.BILINEAR if interpolation == "bilinear" else InterpolationMode.BICUBIC
+    height, width = _pair(image_size)
+
+    if resize_mode == "longest":
+        # fit the whole image inside the box, then pad the short side
+        steps = [ResizeKeepRatio((height, width), longest=True, interpolation=interp),
+                 CenterCropOrPad((height, width), fill=fill_color)]
+    elif resize_mode == "squash":
+        # ignore the aspect ratio
+        steps = [Resize((height, width), interpolation=interp)]
+    else:  # shortest: fill the box, crop the overflow
+        if height == width:
+            # int size: torchvision scales the short side to `height` and truncates the long side
+            resize = Resize(height, interpolation=interp)
+        else:
+            # open_clip uses a keep-ratio resize here which is always bicubic
+            resize = ResizeKeepRatio((height, width), longest=False)
+        steps = [resize, CenterCrop((height, width))]
+
+    steps += [ToRGB(), ToTensorIfNeeded(), Normalize(mean=mean, std=std)]
+    return Compose(steps)
+
+
+def image_transform(
+    image_size: SizeLike,
+    is_train: bool,
+    mean: Optional[Sequence[float]] = None,
+    std: Optional[Sequence[float]] = None,
+    interpolation: Optional[str] = "bicubic",
+    resize_mode: Optional[str] = "shortest",
+    fill_color: int = 0,
+    aug_cfg: Optional[Union[Mapping[str, Any], AugmentationCfg]] = None,
+) -> Compose:
+    """Build the train or eval preprocessing pipeline (PIL image -> normalised CHW float tensor).
+
+    Eval: resize (``resize_mode`` 'shortest' = scale short side + center crop,
+    'longest' = scale long side + center pad with ``fill_color``, 'squash' =
+    stretch), convert to RGB, ToTensor, Normalize.
+
+    Train: RandomResizedCrop (bicubic, ``aug_cfg.scale``, default (0.9, 1.0)),
+    convert to RGB, optional colour jitter / grayscale, ToTensor, Normalize.
+    ``interpolation``, ``resize_mode`` and ``fill_color`` do not affect it.
+    """
+    mean = _triple(mean, OPENAI_MEAN)
+    std = _triple(std, OPENAI_STD)
+    interpolation = interpolation or "bicubic"
+    if interpolation not in _INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {_INTERPOLATIONS}, got {interpolation!r}")
+    resize_mode = resize_mode or "shortest"
+    if resize_mode not in _RESIZE_MODES:
+        raise ValueError(f"resize_mode must be one of {_RESIZE_MODES}, got {resize_mode!r}")
+
+    if is_train:
+        return _train_transform(image_size, mean, std, aug_cfg)
+    return _eval_transform(image_size, mean, std, interpolation, resize_mode, fill_color)
+
+
+def image_transform_v2(
+    cfg: PreprocessCfg,
+    is_train: bool,
+    aug_cfg: Optional[Union[Mapping[str, Any], AugmentationCfg]] = None,
+) -> Compose:
+    """``image_transform`` driven by a :class:`PreprocessCfg`."""
+    return image_transform(
+        cfg.size,
+        is_train,
+        mean=cfg.mean,
+        std=cfg.std,
+        interpolation=cfg.interpolation,
+        resize_mode=cfg.resize_mode,
+        fill_color=cfg.fill_color,
+        aug_cfg=aug_cfg,
+    )
+
+
+# --------------------------------------------------------------------------- #
+# loading
+# --------------------------------------------------------------------------- #
+
+
+class ImageLoadError(ValueError):
+    """An image file could not be read; ``reason`` is a short human explanation."""
+
+    def __init__(self, path, reason: str):
+        super().__init__(path, reason)
+        self.path = path
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"cannot load image {self.path}: {self.reason}"
+
+
+_PIXELS_RE = re.compile(r"\((\d+) pixels\)")
+
+
+def _too_large(path, exc: Exception) -> ImageLoadError:
+    match = _PIXELS_RE.search(str(exc))
+    reason = f"image too large ({match.group(1)} pixels)" if match else "image too large"
+    return ImageLoadError(path, reason)
+
+
+def load_image(path: Union[str, os.PathLike]) -> Image.Image:
+    """Open an image file and decode all of its pixels.
+
+    Pillow's ``Image.MAX_IMAGE_PIXELS`` limit is enforced strictly: images above
+    it are refused (Pillow by default only warns below twice the limit).
+    Any failure is raised as :class:`ImageLoadError`.  The returned image keeps
+    its original mode (no RGB conversion, no EXIF rotation); only the first
+    frame of animated / multi-page files is decoded.
+    """
+    try:
+        fh = open(path, "rb")
+    except FileNotFoundError as exc:
+        raise ImageLoadError(path, "file not found") from exc
+    except IsADirectoryError as exc:
+        raise ImageLoadError(path, "is a directory") from exc
+    except PermissionError as exc:
+        raise ImageLoadError(path, "permission denied") from exc
+    except OSError as exc:
+        raise ImageLoadError(path, f"cannot open file ({exc.strerror or exc})") from exc
+
+    with fh:
+        try:
+            if os.fstat(fh.fileno()).st_size == 0:
+                raise ImageLoadError(path, "empty file")
+        except OSError:  # not a regular file we can stat; let Pillow decide
+            pass
+        # Note: catch_warnings changes process-global warning filters for the
+        # duration of the block.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            try:
+                img = Image.open(fh)
+            except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+                raise _too_large(path, exc) from exc
+            except UnidentifiedImageError as exc:
+                raise ImageLoadError(path, "not an image") from exc
+            except Exception as exc:  # plugin-specific header parse errors
+                raise ImageLoadError(path, "truncated or corrupt image") from exc
+            try:
+                img.load()
+            except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+                raise _too_large(path, exc) from exc
+            except MemoryError:
+                raise
+            except Exception as exc:  # OSError("image file is truncated"), zlib/struct errors, ...
+                raise ImageLoadError(path, "truncated or corrupt image") from exc
+    return img

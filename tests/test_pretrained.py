@@ -1,0 +1,94 @@
+"""Published weights: names, download once through huggingface_hub, and the offline message.
+
+Downloads run against a local stand-in for the hub on 127.0.0.1 (tests/hub_server.py).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from coca_cli import list_pretrained
+from coca_cli.pretrained import hub_repo
+from conftest import ROOT, openclip_reference
+from hub_server import HubServer
+
+
+def test_published_names_match_openclip():
+    import open_clip
+
+    ours = set(list_pretrained())
+    theirs = {(m, t) for m, t in open_clip.list_pretrained() if m.startswith("coca")}
+    assert ours == theirs
+    # open_clip's docs spell the tag with capitals and dashes; both resolve the same.
+    assert hub_repo("coca_ViT-L-14", "mscoco_finetuned_laion2B-s13B-b90k") == \
+        "laion/mscoco_finetuned_CoCa-ViT-L-14-laion2B-s13B-b90k"
+    assert hub_repo("coca_ViT-B-32", "laion2b_s13b_b90k") == "laion/CoCa-ViT-B-32-laion2B-s13B-b90k"
+
+
+def _coca(args, env, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "coca_cli", *map(str, args)], env=env, cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture
+def hub_files(tmp_path):
+    ref = openclip_reference("coca_tiny", seed=7)
+    torch.save(ref.state_dict(), tmp_path / "open_clip_pytorch_model.bin")
+    cfg = json.loads((ROOT / "models" / "coca_tiny.json").read_text())
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {}}))
+    return ref, {
+        "someone/coca-tiny/open_clip_pytorch_model.bin": tmp_path / "open_clip_pytorch_model.bin",
+        "someone/coca-tiny/open_clip_config.json": tmp_path / "open_clip_config.json",
+        # a published tag resolves to LAION's repository id
+        "laion/CoCa-ViT-B-32-laion2B-s13B-b90k/open_clip_pytorch_model.bin": tmp_path / "open_clip_pytorch_model.bin",
+    }
+
+
+def test_hub_download_happens_once_and_then_works_offline(tmp_path, hub_files):
+    ref, files = hub_files
+    with HubServer(files) as hub:
+        env = dict(os.environ, HF_ENDPOINT=hub.url, HF_HUB_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="0")
+        for run in range(2):
+            result = _coca(["convert", "hf-hub:someone/coca-tiny", "--output", tmp_path / f"out{run}"], env)
+            assert result.returncode == 0, result.stderr
+        assert hub.downloads("open_clip_pytorch_model.bin") == 1  # the second run used the cache
+        assert hub.downloads("open_clip_config.json") == 1
+    offline = dict(env, HF_HUB_OFFLINE="1")
+    result = _coca(["convert", "hf-hub:someone/coca-tiny", "--output", tmp_path / "out2"], offline)
+    assert result.returncode == 0, result.stderr
+    from safetensors.torch import load_file
+
+    state = load_file(tmp_path / "out2" / "model.safetensors")
+    assert all(torch.equal(state[k], v) for k, v in ref.state_dict().items())
+
+
+def test_published_tag_downloads_from_laion_repository(tmp_path, hub_files):
+    _, files = hub_files
+    with HubServer(files) as hub:
+        env = dict(os.environ, HF_ENDPOINT=hub.url, HF_HUB_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="0")
+        code = "from coca_cli.pretrained import resolve; print(resolve('coca_ViT-B-32', 'laion2B-s13B-b90k'))"
+        result = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        assert "models--laion--CoCa-ViT-B-32-laion2B-s13B-b90k" in result.stdout
+        assert hub.downloads("open_clip_pytorch_model.bin") == 1
+
+
+@pytest.mark.parametrize("how", ["offline-mode", "unreachable"])
+def test_caption_without_network_says_how_to_pass_a_local_file(tmp_path, how):
+    env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / "empty-cache"))
+    if how == "offline-mode":
+        env["HF_HUB_OFFLINE"] = "1"
+    else:
+        env.update(HF_HUB_OFFLINE="0", HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_ETAG_TIMEOUT="2",
+                   HF_HUB_DOWNLOAD_TIMEOUT="2")
+    result = _coca(["caption", ROOT / "examples" / "images"], env)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "cannot download weights" in lines[0] and "--pretrained PATH" in lines[0]
+    assert "laion/mscoco_finetuned_CoCa-ViT-L-14-laion2B-s13B-b90k" in lines[0]
+    assert result.stdout == ""
