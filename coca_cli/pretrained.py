@@ -6,6 +6,7 @@ local path (native directory, ``.safetensors``, open_clip ``.pt``/``.bin``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Optional
@@ -76,32 +77,52 @@ def download(repo: str, cache_dir: Optional[str] = None) -> Path:
     Returns the local folder. Offline, or when the hub is unreachable, raises a one-line
     error telling how to pass a local file instead.
     """
+    cache_dir = cache_dir or os.environ.get("COCA_CACHE_DIR")
+    with _quiet_hub():
+        weights = _first_available(repo, (OPENCLIP_SAFE_WEIGHTS, OPENCLIP_WEIGHTS), cache_dir)
+        _first_available(repo, (OPENCLIP_CONFIG,), cache_dir, required=False)  # published CoCa repos may lack it
+    return weights.parent
+
+
+def _first_available(repo: str, filenames, cache_dir, required: bool = True) -> Optional[Path]:
+    """The first of ``filenames`` the repository has, downloaded (or found in the cache)."""
+    import requests
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
-    import requests
 
-    cache_dir = cache_dir or os.environ.get("COCA_CACHE_DIR")
-    network_errors = (LocalEntryNotFoundError, requests.exceptions.RequestException, OSError)
-    weights = None
-    for filename in (OPENCLIP_SAFE_WEIGHTS, OPENCLIP_WEIGHTS):
+    not_cached = None
+    for filename in filenames:
         try:
-            weights = Path(hf_hub_download(repo, filename, cache_dir=cache_dir))
-            break
+            return Path(hf_hub_download(repo, filename, cache_dir=cache_dir))
+        except LocalEntryNotFoundError as err:  # not in the cache, and the hub was not asked or not reached
+            if isinstance(err.__cause__, requests.exceptions.RequestException):
+                raise _offline(repo, err.__cause__) from None
+            not_cached = err  # offline mode: another candidate may be cached
         except EntryNotFoundError:
             continue
         except HfHubHTTPError as err:
-            if getattr(err.response, "status_code", None) == 404:
-                continue
+            if getattr(err.response, "status_code", None) != 404:
+                raise _offline(repo, err) from None
+        except (requests.exceptions.RequestException, OSError) as err:
             raise _offline(repo, err) from None
-        except network_errors as err:
-            raise _offline(repo, err) from None
-    if weights is None:
-        raise CocaError(f"Hugging Face repository {repo} has no {OPENCLIP_SAFE_WEIGHTS} or {OPENCLIP_WEIGHTS}")
-    try:  # the config is optional: published CoCa repos may not carry one
-        hf_hub_download(repo, OPENCLIP_CONFIG, cache_dir=cache_dir)
-    except Exception:  # noqa: BLE001 - a missing optional file must not fail the download
-        pass
-    return weights.parent
+    if not required:
+        return None
+    if not_cached is not None:
+        raise _offline(repo, not_cached)
+    raise CocaError(f"Hugging Face repository {repo} has none of: {', '.join(filenames)}")
+
+
+@contextlib.contextmanager
+def _quiet_hub():
+    """huggingface_hub logs each retry on stderr; our error message is the one line users see."""
+    from huggingface_hub.utils import logging as hub_logging
+
+    level = hub_logging.get_verbosity()
+    hub_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hub_logging.set_verbosity(level)
 
 
 def _offline(repo: str, err: Exception) -> CocaError:
