@@ -1,0 +1,126 @@
+"""`coca eval zeroshot` and `coca eval retrieval`: benchmarks on your own data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from . import app, err_console
+from .classify import (BatchSizeOption, DeviceOption, ModelOption, PrecisionOption, PretrainedOption, TemplatesOption,
+                       WorkersOption, embed_batches, fail_if_skipped, load_contrastive, require_features, with_defaults)
+
+eval_app = typer.Typer(
+    no_args_is_help=True,
+    help="Benchmark zero-shot classification, image-text retrieval or captioning on your own data.\n\n"
+         "\b\nExample: coca eval zeroshot --data imagenet/val --templates imagenet\n"
+         "         coca eval retrieval --data pairs.tsv --output results.json",
+)
+app.add_typer(eval_app, name="eval")
+
+OutputOption = typer.Option(None, "--output", "-o", help="Also write the results to FILE as JSON.")
+
+
+@eval_app.command("zeroshot")
+def zeroshot_command(
+    data: Path = typer.Option(..., "--data", "-d", help="Folder with one subfolder of images per class; the "
+                              "subfolder names are the class names (_ read as a space)."),
+    templates: TemplatesOption = "default",
+    output: Optional[Path] = OutputOption,
+    model: ModelOption = None,
+    pretrained: PretrainedOption = None,
+    device: DeviceOption = "auto",
+    precision: PrecisionOption = "fp32",
+    batch_size: BatchSizeOption = 32,
+    workers: WorkersOption = 0,
+):
+    """Top-1 and top-5 zero-shot accuracy on an image folder (torchvision ImageFolder layout).
+
+    \b
+    Example: coca eval zeroshot --data imagenet/val --templates imagenet --output results.json
+    """
+    from ..retrieval import ImageFeatures
+    from ..templates import load_templates
+    from ..zeroshot import build_classifier, read_image_folder, zeroshot_accuracy
+
+    folder = read_image_folder(data)
+    prompts = load_templates(templates)
+    net, transform, tokenizer = load_contrastive(model, pretrained, device, precision)
+    classifier = build_classifier(net, tokenizer, folder.classnames, prompts)
+    found = ImageFeatures.concat(embed_batches(net, transform, folder.paths, batch_size, workers))
+    require_features(found, len(folder.paths))
+    metrics = zeroshot_accuracy(found.features @ classifier, folder.targets_of(found.paths))
+
+    table = Table("images", "classes", "top-1 accuracy", "top-5 accuracy")
+    table.add_row(str(len(found.paths)), str(len(folder.classnames)),
+                  *(_percent(metrics[f"top{k}_zeroshot_accuracy"]) for k in (1, 5)))
+    _report(f"zero-shot classification: {data}", table, "zeroshot_classification", data, model, pretrained, metrics,
+            output, images=len(found.paths), classes=len(folder.classnames), skipped=len(found.failures))
+    fail_if_skipped(len(found.failures), len(folder.paths))
+
+
+@eval_app.command("retrieval")
+def retrieval_command(
+    data: Path = typer.Option(..., "--data", "-d", help="CSV/TSV of image paths (relative to its folder) and "
+                              "captions; an image may have several rows."),
+    img_key: str = typer.Option("filepath", "--img-key", help="Column holding the image paths."),
+    caption_key: str = typer.Option("title", "--caption-key", help="Column holding the captions."),
+    separator: str = typer.Option("\\t", "--separator", help="Column separator, one character (\\t for tab)."),
+    output: Optional[Path] = OutputOption,
+    model: ModelOption = None,
+    pretrained: PretrainedOption = None,
+    device: DeviceOption = "auto",
+    precision: PrecisionOption = "fp32",
+    batch_size: BatchSizeOption = 32,
+    workers: WorkersOption = 0,
+):
+    """Image→text and text→image Recall@1/5/10, as CLIP_benchmark computes them.
+
+    Image→text: an image counts when any of its captions is among its k best. Text→image: a
+    caption counts when its image is among its k best.
+
+    \b
+    Example: coca eval retrieval --data pairs.tsv --output results.json
+    """
+    from ..retrieval import ImageFeatures, embed_texts, read_pairs, retrieval_recall
+
+    pairs = read_pairs(data, img_key, caption_key, "\t" if separator in ("\\t", "tab") else separator)
+    net, transform, tokenizer = load_contrastive(model, pretrained, device, precision)
+    found = ImageFeatures.concat(embed_batches(net, transform, pairs.images, batch_size, workers))
+    require_features(found, len(pairs.images))
+    pairs = pairs.keep(found.paths)  # the captions of unreadable images cannot be scored
+    scores = embed_texts(net, tokenizer, pairs.captions) @ found.features.T
+    metrics = retrieval_recall(scores, pairs.caption_image, ks=(1, 5, 10))
+
+    table = Table("direction", "R@1", "R@5", "R@10")
+    for direction, name in (("image→text", "text_retrieval"), ("text→image", "image_retrieval")):
+        table.add_row(direction, *(_percent(metrics[f"{name}_recall@{k}"]) for k in (1, 5, 10)))
+    _report(f"retrieval: {data} ({len(pairs.images)} images, {len(pairs.captions)} captions)", table,
+            "zeroshot_retrieval", data, model, pretrained, metrics, output,
+            images=len(pairs.images), captions=len(pairs.captions), skipped=len(found.failures))
+    fail_if_skipped(len(found.failures), len(found.paths) + len(found.failures))
+
+
+def _percent(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}%"
+
+
+def _report(heading: str, table: Table, task: str, data: Path, model: Optional[str], pretrained: Optional[str],
+            metrics: dict, output: Optional[Path], **counts) -> None:
+    """The table on stdout; with --output, the same results as JSON in CLIP_benchmark's layout."""
+    console = Console()
+    console.print(Text(heading, style="bold"), soft_wrap=True)
+    console.print(table)
+    if output is None:
+        return
+    model, pretrained = with_defaults(model, pretrained)
+    result = {"dataset": str(data), "model": model, "pretrained": pretrained, "task": task, "metrics": metrics,
+              **counts}
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    err_console.print(f"wrote {output}")

@@ -1,0 +1,135 @@
+"""`coca retrieve`: images for a text, or texts for an image."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from ..errors import CocaError
+from . import app, err_console
+from .classify import (BatchSizeOption, DeviceOption, ModelOption, PrecisionOption, PretrainedOption, WorkersOption,
+                       embed_batches, fail_if_skipped, load_contrastive, require_features)
+
+USAGE = "search images with --images DIR --query TEXT, or texts with --texts FILE --image IMAGE"
+
+
+@app.command("retrieve")
+def retrieve_command(
+    images: Optional[List[str]] = typer.Option(None, "--images", "-i", help="Collection to search (with --query): "
+                                               "image files, folders or glob patterns; repeat for several."),
+    query: Optional[List[str]] = typer.Option(None, "--query", "-q", help="Text to find images for; repeat for more."),
+    texts: Optional[Path] = typer.Option(None, "--texts", "-t", help="Texts to search (with --image): "
+                                         "a UTF-8 file, one text a line."),
+    image: Optional[List[str]] = typer.Option(None, "--image", help="Image to find texts for; repeat for several."),
+    top_k: int = typer.Option(5, "--top-k", "-k", min=1, help="Hits per query."),
+    index: Optional[Path] = typer.Option(None, "--index", help="Embedding index of the --images collection "
+                                         "[default: .coca-index.pt inside the --images folder; none for files]"),
+    as_json: bool = typer.Option(False, "--json", help="JSON Lines on stdout, one object per query, not tables."),
+    html: Optional[Path] = typer.Option(None, "--html", help="Also write an HTML page with thumbnails and scores."),
+    model: ModelOption = None,
+    pretrained: PretrainedOption = None,
+    device: DeviceOption = "auto",
+    precision: PrecisionOption = "fp32",
+    batch_size: BatchSizeOption = 32,
+    workers: WorkersOption = 0,
+):
+    """Rank images by similarity to a text, or texts by similarity to an image.
+
+    The collection's image embeddings are kept in an index file, so later searches embed only
+    new or changed images.
+
+    \b
+    Example: coca retrieve --images photos/ --query "a red car" --top-k 5
+             coca retrieve --texts captions.txt --image q.jpg --json
+    """
+    from ..retrieval import write_html
+
+    if bool(images) == bool(texts) or bool(images) != bool(query) or bool(texts) != bool(image):
+        raise CocaError(USAGE)
+    if index is not None and not images:
+        raise CocaError("--index belongs to an --images collection")
+    options = dict(model=model, pretrained=pretrained, device=device, precision=precision, batch_size=batch_size,
+                   workers=workers)
+    if images:
+        rankings, skipped, total = _images_for_texts(images, query, index, top_k, **options)
+    else:
+        rankings, skipped, total = _texts_for_images(texts, image, top_k, **options)
+    console = Console()
+    for ranking in rankings:
+        if as_json:
+            print(json.dumps(ranking.to_json(), ensure_ascii=False), flush=True)
+        else:
+            console.print(Text(ranking.query, style="bold"), soft_wrap=True)
+            console.print(_table(ranking))
+    if html is not None:
+        write_html(html, rankings)
+        err_console.print(f"wrote {html}")
+    fail_if_skipped(skipped, total)
+
+
+def _images_for_texts(images, queries, index, top_k, model, pretrained, device, precision, batch_size, workers):
+    """Text→image: embed what the index lacks, then rank the whole collection for each query."""
+    from ..images import collect_images
+    from ..retrieval import ImageIndex, embed_texts, model_fingerprint, search
+
+    paths = collect_images(images)
+    net, transform, tokenizer = load_contrastive(model, pretrained, device, precision)
+    store = ImageIndex(index or _default_index(images), model_fingerprint(net))
+    skipped = 0
+    for batch in embed_batches(net, transform, store.stale(paths), batch_size, workers):
+        store.add(batch)
+        skipped += len(batch.failures)
+    found = store.lookup(paths)
+    _save(store)
+    require_features(found, len(paths))
+    query_features = embed_texts(net, tokenizer, queries)
+    rankings = search(queries, query_features, [str(p) for p in found.paths], found.features, top_k)
+    return rankings, skipped, len(paths)
+
+
+def _default_index(images: List[str]) -> Optional[Path]:
+    """Beside the collection: inside the folder when --images is one folder; else no index."""
+    from ..retrieval import INDEX_FILE
+
+    folder = Path(images[0]).expanduser()
+    return folder / INDEX_FILE if len(images) == 1 and folder.is_dir() else None
+
+
+def _save(store) -> None:
+    """A read-only collection still gets its results; only the reuse next time is lost."""
+    try:
+        store.save()
+    except OSError as err:
+        err_console.print(f"warning: cannot write the index {store.path}: {err.strerror or err}")
+    where = f" (index: {store.path})" if store.path else " (no index: pass --index FILE to keep them)"
+    err_console.print(f"embedded {store.embedded} new images, reused {store.reused}, removed {store.removed}{where}")
+
+
+def _texts_for_images(texts, images, top_k, model, pretrained, device, precision, batch_size, workers):
+    """Image→text: every candidate text is embedded once, then ranked for each query image."""
+    from ..images import collect_images
+    from ..retrieval import ImageFeatures, embed_texts, search
+    from ..templates import read_lines
+
+    candidates = read_lines(texts, "texts file")
+    paths = collect_images(images)
+    net, transform, tokenizer = load_contrastive(model, pretrained, device, precision)
+    candidate_features = embed_texts(net, tokenizer, candidates)
+    found = ImageFeatures.concat(embed_batches(net, transform, paths, batch_size, workers))
+    require_features(found, len(paths))
+    rankings = search([str(p) for p in found.paths], found.features, candidates, candidate_features, top_k,
+                      query_is_image=True)
+    return rankings, len(found.failures), len(paths)
+
+
+def _table(ranking) -> Table:
+    table = Table("#", "score", "text" if ranking.query_is_image else "image")
+    for hit in ranking.hits:
+        table.add_row(str(hit.rank), f"{hit.score:.4f}", Text(hit.item))
+    return table

@@ -1,0 +1,362 @@
+"""Image and text embeddings, the on-disk image index, search, retrieval recall and the HTML report.
+
+Embeddings returned here are float32 on the CPU and L2-normalised whatever device and precision
+the model runs in, so every score is a plain dot product (a cosine similarity) and results can be
+mixed freely between batches, runs and devices.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import hashlib
+import html
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import _atomic_write
+from .errors import CocaError
+from .images import iter_batches
+from .transforms import ImageLoadError, load_image
+
+# -- embeddings -------------------------------------------------------------------------------
+
+
+@dataclass
+class ImageFeatures:
+    """Embeddings of the images that loaded (in input order) and the reasons the others did not."""
+
+    paths: list[Path]
+    features: Optional[torch.Tensor]  # [len(paths), embed_dim]; None when no image loaded
+    failures: list[tuple[Path, str]] = field(default_factory=list)
+
+    @classmethod
+    def concat(cls, parts: Iterable["ImageFeatures"]) -> "ImageFeatures":
+        parts = list(parts)
+        tensors = [p.features for p in parts if p.features is not None]
+        return cls(paths=[path for p in parts for path in p.paths],
+                   features=torch.cat(tensors) if tensors else None,
+                   failures=[failure for p in parts for failure in p.failures])
+
+
+@torch.no_grad()
+def iter_image_features(model, transform: Callable, paths: Sequence[Path], batch_size: int = 32,
+                        workers: int = 0) -> Iterator[ImageFeatures]:
+    """Embed images batch by batch, on the model's device and in its precision.
+
+    A generator so callers can show progress and stream results; unreadable images come back as
+    ``failures`` instead of stopping the run. This is the one place images are embedded, for
+    classification, retrieval and evaluation alike.
+    """
+    param = next(model.parameters())
+    for batch in iter_batches(list(paths), transform, batch_size, workers):
+        features = None
+        if batch.images is not None:
+            images = batch.images.to(device=param.device, dtype=param.dtype, non_blocking=True)
+            # Normalised in float32: in bf16 the unit norm would otherwise be off by up to ~0.4%.
+            features = F.normalize(model.encode_image(images, normalize=False).float(), dim=-1).cpu()
+        yield ImageFeatures(batch.paths, features, batch.failures)
+
+
+def embed_images(model, transform: Callable, paths: Sequence[Path], batch_size: int = 32,
+                 workers: int = 0) -> ImageFeatures:
+    """All images at once (see :func:`iter_image_features`)."""
+    return ImageFeatures.concat(iter_image_features(model, transform, paths, batch_size, workers))
+
+
+@torch.no_grad()
+def embed_texts(model, tokenizer: Callable, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+    """[len(texts), embed_dim] normalised text embeddings; texts are cheap, so batches are large."""
+    device = next(model.parameters()).device
+    chunks = []
+    for start in range(0, len(texts), batch_size):
+        tokens = tokenizer(list(texts[start:start + batch_size])).to(device)
+        chunks.append(F.normalize(model.encode_text(tokens, normalize=False).float(), dim=-1).cpu())
+    return torch.cat(chunks)
+
+
+# -- the image index --------------------------------------------------------------------------
+
+INDEX_FILE = ".coca-index.pt"
+_INDEX_FORMAT = "coca-image-index/1"
+
+
+def model_fingerprint(model, sample: int = 1024) -> str:
+    """A short hash that changes whenever the image embeddings would: other weights, size or precision.
+
+    Only the image tower counts (text weights do not change image embeddings). Hashing all of
+    a ViT-L's weights on every query would cost seconds; names, shapes, dtypes and an evenly
+    spaced sample of each tensor's values tell models apart just as well, in milliseconds.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in model.visual.state_dict().items():
+        flat = tensor.detach().flatten()
+        picked = flat[:: max(1, flat.numel() // sample)].float().cpu()
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        digest.update(picked.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _key(path: Path) -> str:
+    return str(Path(path).resolve())
+
+
+def _stamp(path: Path) -> Optional[tuple[int, int]]:
+    """(size, mtime_ns): what tells a file changed without reading it."""
+    try:
+        stat = Path(path).stat()
+    except OSError:
+        return None
+    return stat.st_size, stat.st_mtime_ns
+
+
+class ImageIndex:
+    """Image embeddings kept in one file, so a collection is embedded once, then only what changed.
+
+    Entries are keyed by absolute path and stamped with size and modification time; the file
+    records the model fingerprint, and an index written by another model is ignored whole.
+    Use: ``todo = index.stale(paths)``, embed ``todo`` and ``add`` the batches, ``lookup(paths)``,
+    ``save()``. ``embedded``, ``reused`` and ``removed`` count what the run did.
+    """
+
+    def __init__(self, path: Optional[Path], fingerprint: str):
+        self.path = Path(path) if path is not None else None
+        self.fingerprint = fingerprint
+        self.entries: dict[str, tuple[tuple[int, int], torch.Tensor]] = self._read()
+        self.embedded = self.reused = self.removed = 0
+        self._stamps: dict[str, Optional[tuple[int, int]]] = {}
+        self._changed = False
+
+    def _read(self) -> dict:
+        if self.path is None or not self.path.is_file():
+            return {}
+        try:
+            data = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 - a damaged index is only a cache miss: it is rebuilt
+            return {}
+        if not isinstance(data, dict) or data.get("format") != _INDEX_FORMAT or data.get("model") != self.fingerprint:
+            return {}
+        return {key: ((size, mtime), features) for key, size, mtime, features
+                in zip(data["paths"], data["sizes"], data["mtimes"], data["features"])}
+
+    def stale(self, paths: Sequence[Path]) -> list[Path]:
+        """The paths to embed: new, or changed since they were embedded (their old entry is dropped).
+
+        The stamps are taken now, before embedding, so a file changing meanwhile is caught next time.
+        """
+        todo = []
+        for path in paths:
+            key, stamp = _key(path), _stamp(path)
+            self._stamps[key] = stamp
+            entry = self.entries.get(key)
+            if entry is None or stamp is None or entry[0] != stamp:
+                todo.append(path)
+                self._changed |= self.entries.pop(key, None) is not None
+        self.reused = len(paths) - len(todo)
+        return todo
+
+    def add(self, batch: ImageFeatures) -> None:
+        if batch.features is None:
+            return
+        for path, features in zip(batch.paths, batch.features):
+            stamp = self._stamps.get(_key(path))
+            if stamp is not None:
+                self.entries[_key(path)] = (stamp, features)
+        self.embedded += len(batch.paths)
+        self._changed = True
+
+    def lookup(self, paths: Sequence[Path]) -> ImageFeatures:
+        """Embeddings of ``paths`` in order (those that have one); entries of files no longer in
+        the collection are dropped, so the index mirrors the collection as it is now."""
+        wanted = {_key(p) for p in paths}
+        gone = [key for key in self.entries if key not in wanted]
+        for key in gone:
+            del self.entries[key]
+        self.removed = len(gone)
+        self._changed |= bool(gone)
+        found = [p for p in paths if _key(p) in self.entries]
+        features = torch.stack([self.entries[_key(p)][1] for p in found]) if found else None
+        return ImageFeatures(found, features)
+
+    def save(self) -> None:
+        """Write the index atomically (temporary file, then rename); a no-op when nothing changed."""
+        if self.path is None or not self._changed:
+            return
+        keys = list(self.entries)
+        data = {
+            "format": _INDEX_FORMAT,
+            "model": self.fingerprint,
+            "paths": keys,
+            "sizes": [self.entries[k][0][0] for k in keys],
+            "mtimes": [self.entries[k][0][1] for k in keys],
+            "features": torch.stack([self.entries[k][1] for k in keys]) if keys else torch.empty(0),
+        }
+        _atomic_write(self.path, lambda tmp: torch.save(data, tmp))
+        self._changed = False
+
+
+# -- search -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Hit:
+    rank: int  # 1 = best
+    score: float  # cosine similarity
+    item: str  # an image path (text→image) or a text (image→text)
+
+
+@dataclass
+class Ranking:
+    query: str  # the query text, or the query image's path
+    hits: list[Hit]
+    query_is_image: bool = False
+
+    def to_json(self) -> dict:
+        query_key, hit_key = ("image", "text") if self.query_is_image else ("query", "image")
+        return {query_key: self.query, "hits": [{"rank": h.rank, hit_key: h.item, "score": h.score} for h in self.hits]}
+
+
+def search(queries: Sequence[str], query_features: torch.Tensor, candidates: Sequence[str],
+           candidate_features: torch.Tensor, k: int, query_is_image: bool = False) -> list[Ranking]:
+    """For each query, the ``k`` candidates with the highest cosine similarity, best first."""
+    scores = query_features @ candidate_features.T
+    top = scores.topk(min(k, scores.shape[1]), dim=1)
+    return [Ranking(query, [Hit(rank, score, candidates[i])
+                            for rank, (i, score) in enumerate(zip(idx.tolist(), val.tolist()), start=1)],
+                    query_is_image)
+            for query, val, idx in zip(queries, top.values, top.indices)]
+
+
+# -- retrieval evaluation ---------------------------------------------------------------------
+
+
+def retrieval_recall(scores: torch.Tensor, caption_image: Sequence[int],
+                     ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """Recall@k both ways, as CLIP_benchmark's ``zeroshot_retrieval`` defines it, under its names.
+
+    ``scores`` is [captions, images]; ``caption_image[t]`` is the image caption ``t`` describes.
+    ``image_retrieval_recall@k`` (text→image): a caption scores when its image is among its k
+    best images. ``text_retrieval_recall@k`` (image→text): an image scores when ANY of its
+    captions is among its k best captions. k beyond the number of candidates means all of them.
+    """
+    target = torch.as_tensor(list(caption_image))
+    image_ids = torch.arange(scores.shape[1])
+    metrics = {}
+    for k in ks:
+        best_images = scores.topk(min(k, scores.shape[1]), dim=1).indices  # [captions, k]
+        best_captions = scores.T.topk(min(k, scores.shape[0]), dim=1).indices  # [images, k]
+        metrics[f"image_retrieval_recall@{k}"] = _share((best_images == target[:, None]).any(dim=1))
+        metrics[f"text_retrieval_recall@{k}"] = _share((target[best_captions] == image_ids[:, None]).any(dim=1))
+    return metrics
+
+
+def _share(hits: torch.Tensor) -> float:
+    return hits.double().mean().item()
+
+
+@dataclass
+class Pairs:
+    """Image-caption pairs; one image may have several captions."""
+
+    images: list[Path]  # unique, in order of first appearance
+    captions: list[str]
+    caption_image: list[int]  # index into ``images`` of each caption's image
+
+    def keep(self, loaded: Sequence[Path]) -> "Pairs":
+        """Only the images that loaded (in that order) and their captions."""
+        new_index = {path: i for i, path in enumerate(loaded)}
+        kept = [(text, new_index[self.images[i]]) for text, i in zip(self.captions, self.caption_image)
+                if self.images[i] in new_index]
+        return Pairs(list(loaded), [text for text, _ in kept], [i for _, i in kept])
+
+
+def read_pairs(path: Path, img_key: str = "filepath", caption_key: str = "title", separator: str = "\t") -> Pairs:
+    """Read a CSV/TSV of image paths and captions (open_clip's CsvDataset layout).
+
+    Relative image paths are taken from the file's folder, so a dataset can be moved whole.
+    """
+    path = Path(path).expanduser()
+    if len(separator) != 1:
+        raise CocaError(f"separator must be one character, got '{separator}'")
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            reader = csv.DictReader(f, delimiter=separator)
+            columns = reader.fieldnames or []
+            missing = [key for key in (img_key, caption_key) if key not in columns]
+            if missing:
+                raise CocaError(f"{path} has no column {', '.join(repr(m) for m in missing)} (columns: "
+                                f"{', '.join(columns) or 'none'}); choose them with --img-key and --caption-key")
+            rows = [(row[img_key], row[caption_key], line) for line, row in enumerate(reader, start=2)]
+    except FileNotFoundError:
+        raise CocaError(f"no such file: {path}") from None
+    except UnicodeDecodeError as err:
+        raise CocaError(f"{path} is not UTF-8 text (byte {err.start})") from None
+    except OSError as err:
+        raise CocaError(f"cannot read {path}: {err.strerror or err}") from None
+    if not rows:
+        raise CocaError(f"no image-caption pairs in {path}")
+    index: dict[Path, int] = {}
+    captions, caption_image = [], []
+    for image, caption, line in rows:
+        if not (image or "").strip() or not (caption or "").strip():
+            raise CocaError(f"{path}, line {line}: empty image path or caption")
+        image_path = path.parent / image.strip()
+        captions.append(caption.strip())
+        caption_image.append(index.setdefault(image_path, len(index)))
+    return Pairs(list(index), captions, caption_image)
+
+
+# -- HTML report ------------------------------------------------------------------------------
+
+_STYLE = """body{font-family:system-ui,sans-serif;margin:2em;color:#222}
+section{margin-bottom:2.5em}h2{font-size:1.1em}
+.hits{display:flex;flex-wrap:wrap;gap:1em}
+figure{margin:0;width:170px;font-size:.85em;word-break:break-all}
+img{max-width:160px;max-height:160px;display:block;border:1px solid #ccc}
+.score{font-variant-numeric:tabular-nums;color:#555;margin-right:.6em}
+.unreadable{width:160px;height:100px;background:#eee;display:flex;align-items:center;justify-content:center}"""
+
+
+def thumbnail_uri(path: Path, size: int = 160) -> Optional[str]:
+    """A small JPEG of the image as a data: URI, or None when the file cannot be read any more."""
+    try:
+        image = load_image(path).convert("RGB")
+        image.thumbnail((size, size))
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=80)
+    except (ImageLoadError, OSError, ValueError):
+        return None
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _image_tag(path: str) -> str:
+    uri = thumbnail_uri(Path(path))
+    if uri is None:
+        return '<div class="unreadable">unreadable</div>'
+    return f'<img src="{uri}" alt="{html.escape(Path(path).name)}" title="{html.escape(path)}">'
+
+
+def _section(ranking: Ranking) -> str:
+    esc = html.escape
+    if ranking.query_is_image:
+        items = "".join(f'<li><span class="score">{h.score:.4f}</span>{esc(h.item)}</li>' for h in ranking.hits)
+        return (f"<section><h2>{esc(ranking.query)}</h2>{_image_tag(ranking.query)}"
+                f"<ol>{items}</ol></section>")
+    figures = "".join(f"<figure>{_image_tag(h.item)}<figcaption>#{h.rank} "
+                      f'<span class="score">{h.score:.4f}</span><br>{esc(h.item)}</figcaption></figure>'
+                      for h in ranking.hits)
+    return f'<section><h2>{esc(ranking.query)}</h2><div class="hits">{figures}</div></section>'
+
+
+def write_html(path: Path, rankings: Sequence[Ranking], title: str = "coca retrieve") -> None:
+    """A self-contained page (thumbnails inlined as base64 JPEGs) with each query, its hits and scores."""
+    body = "\n".join(_section(r) for r in rankings)
+    page = (f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f"<style>{_STYLE}</style></head>\n<body><h1>{html.escape(title)}</h1>\n{body}\n</body></html>\n")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(page, encoding="utf-8")
