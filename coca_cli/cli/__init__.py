@@ -102,4 +102,4 @@ def entry() -> None:
 
 
 # Each command lives in its own module and registers itself on `app`.
-from . import caption, classify, convert, evaluate, models, retrieve  # noqa: E402,F401
+from . import caption, classify, coco, convert, eval_captions, evaluate, models, retrieve  # noqa: E402,F401

@@ -1,0 +1,143 @@
+"""`coca eval captions`: BLEU, METEOR, ROUGE-L, CIDEr and SPICE as the COCO caption evaluation computes them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from ..errors import CocaError
+from . import err_console, pick_device, progress
+from .evaluate import eval_app
+
+
+def captions_command(
+    data: Path = typer.Option(..., "--data", "-d", help="CSV/TSV of image paths (relative to its folder) and "
+                              "reference captions, several rows per image (coca prepare-coco writes them)."),
+    predictions: Optional[Path] = typer.Option(None, "--predictions", help="Score these captions instead of "
+                                               "generating them: JSON Lines with fields image and caption (or "
+                                               "the .csv/.txt that coca caption --output writes). No model."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Also write the results, with every "
+                                          "image's caption, references and scores, to FILE as JSON."),
+    img_key: str = typer.Option("filepath", "--img-key", help="Column holding the image paths."),
+    caption_key: str = typer.Option("title", "--caption-key", help="Column holding the captions."),
+    separator: str = typer.Option("\\t", "--separator", help="Column separator, one character (\\t for tab)."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Only the first N images of --data."),
+    java_metrics: bool = typer.Option(True, "--java-metrics/--no-java-metrics", help="METEOR and SPICE run "
+                                      "pycocoevalcap's Java programs (when it and java are installed); "
+                                      "--no-java-metrics skips them."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model config name or JSON path "
+                                        "[default: coca_ViT-L-14, or the config inside --pretrained]"),
+    pretrained: Optional[str] = typer.Option(None, "--pretrained", "-p", help="Published tag, hf-hub:org/repo, "
+                                             "native folder or checkpoint file "
+                                             "[default: mscoco_finetuned_laion2b_s13b_b90k]"),
+    device: str = typer.Option("auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps."),
+    precision: str = typer.Option("fp32", help="fp32, bf16 or fp16."),
+    batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, help="Images per batch."),
+    workers: int = typer.Option(0, min=0, help="Background processes decoding images."),
+    generation_type: str = typer.Option("beam_search", help="beam_search, top_k or top_p."),
+    seq_len: int = typer.Option(30, help="Maximum caption length in tokens (incl. start/end)."),
+    min_seq_len: int = typer.Option(5, help="Minimum caption length in tokens."),
+    num_beams: int = typer.Option(6, help="Beams for beam search."),
+    num_beam_groups: int = typer.Option(3, help="Diverse beam search groups (must divide --num-beams)."),
+    top_k: int = typer.Option(1, help="top_k sampling: keep the K most likely tokens (1 = greedy)."),
+    top_p: float = typer.Option(0.1, help="top_p sampling: keep tokens within this probability mass."),
+    temperature: float = typer.Option(1.0, help="Sampling temperature."),
+    repetition_penalty: float = typer.Option(1.0, help="Penalty for repeated tokens (1.0 = none)."),
+    seed: Optional[int] = typer.Option(None, help="Random seed for sampling."),
+):
+    """Caption every image of --data (or read --predictions) and score against all its references.
+
+    Captions are tokenised as the COCO caption evaluation does; the table shows scores x100
+    (as papers print them), the JSON pycocoevalcap's own scale (CIDEr 1.253 = 125.3).
+
+    \b
+    Example: coca eval captions --data coco/karpathy_test.tsv --output results.json
+             coca eval captions --data coco/karpathy_test.tsv --predictions captions.jsonl
+    """
+    from ..caption_eval import evaluate_captions, match_predictions, metric_rows, read_predictions, read_references
+
+    if predictions is not None and (pretrained is not None or model is not None):
+        raise CocaError("--predictions scores existing captions: drop --model/--pretrained")
+    references = read_references(data, img_key, caption_key, "\t" if separator in ("\\t", "tab") else separator)
+    references = references.first(limit)
+    failed = 0
+    generation = None
+    if predictions is not None:
+        captions, unmatched = match_predictions(references, read_predictions(predictions), predictions.parent)
+        if unmatched:
+            where = f"the first {limit} images of {data}" if limit else str(data)
+            err_console.print(f"{len(unmatched)} captions in {predictions} are for images not in {where} (e.g. "
+                              f"{unmatched[0]}): ignored")
+    else:
+        from ..generation import validate_options
+
+        generation = dict(generation_type=generation_type, seq_len=seq_len, min_seq_len=min_seq_len,
+                          num_beams=num_beams, num_beam_groups=num_beam_groups, top_k=top_k, top_p=top_p,
+                          temperature=temperature, repetition_penalty=repetition_penalty)
+        validate_options(**generation)  # before the model loads: a ValueError is a one-line usage error
+        if pretrained is None:
+            from ..pretrained import DEFAULT_CAPTION_MODEL, DEFAULT_CAPTION_PRETRAINED
+
+            model, pretrained = model or DEFAULT_CAPTION_MODEL, DEFAULT_CAPTION_PRETRAINED
+        captions, failed = _generate(references, model, pretrained, device, precision, batch_size, workers, seed,
+                                     generation)
+    missing = len([p for p in references.images if p not in captions]) if predictions is not None else 0
+    result = evaluate_captions(references, captions, java=java_metrics)
+
+    table = Table("metric", "score (x100)")
+    for name, value in metric_rows(result["metrics"]):
+        table.add_row(name, value)
+    console = Console()
+    console.print(Text(f"captioning: {data} ({len(result['per_image'])} images)", style="bold"), soft_wrap=True)
+    console.print(table)
+    for name, reason in result["unavailable"].items():
+        console.print(f"{name} unavailable: {reason}")
+    if len(result["per_image"]) == 1:
+        err_console.print("note: CIDEr weighs n-grams by how rare they are among the images scored; with one image "
+                          "it is always 0")
+    if output is not None:
+        report = {"dataset": str(data), "task": "captioning", "model": model, "pretrained": pretrained,
+                  "predictions": str(predictions) if predictions is not None else None, "generation": generation,
+                  "images": len(result["per_image"]), "metrics": result["metrics"],
+                  "unavailable": result["unavailable"], "per_image": result["per_image"]}
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        err_console.print(f"wrote {output}")
+    if failed:
+        raise CocaError(f"{failed} of {len(references.images)} images could not be captioned", exit_code=1)
+    if missing:
+        raise CocaError(f"{missing} of {len(references.images)} images in {data} have no caption in {predictions}",
+                        exit_code=1)
+
+
+def _generate(references, model, pretrained, device, precision, batch_size, workers, seed, generation):
+    """({image: caption}, number of images that could not be read)."""
+    import torch
+
+    from ..captioning import caption_images
+    from ..factory import create_model_and_transforms
+
+    net, _, transform = create_model_and_transforms(model, pretrained, precision=precision, device=pick_device(device))
+    generator = torch.Generator(device=next(net.parameters()).device).manual_seed(seed) if seed is not None else None
+    captions, failed = {}, 0
+    with progress(len(references.images), "captioning") as advance:
+        for path, caption, reason in caption_images(net, transform, references.images, batch_size, workers,
+                                                    generator=generator, **generation):
+            if caption is None:
+                failed += 1
+                err_console.print(f"skipped {path}: {reason}")
+            else:
+                captions[path] = caption
+            advance()
+    if not captions:
+        raise CocaError(f"none of the {len(references.images)} images could be captioned", exit_code=1)
+    return captions, failed
+
+
+eval_app.command("captions")(captions_command)
