@@ -15,6 +15,7 @@ _EXPORTS = {
     "CocaError": "errors",
     "create_model": "factory", "create_model_and_transforms": "factory", "get_tokenizer": "factory",
     "CoCa": "model",
+    "ClipLoss": "loss", "CoCaLoss": "loss",
     "list_pretrained": "pretrained",
     "Tokenizer": "tokenizer", "decode": "tokenizer", "tokenize": "tokenizer",
 }

@@ -49,6 +49,23 @@ def pick_device(device: str) -> str:
     return "cpu"
 
 
+def command_line(ctx: typer.Context, drop: tuple = ()) -> list[str]:
+    """The running command's options as parsed, for relaunching it under torchrun."""
+    args = [ctx.info_name]
+    for param in ctx.command.params:
+        if param.param_type_name != "option" or param.name in (*drop, "help"):
+            continue
+        value = ctx.params.get(param.name)
+        if param.is_flag:
+            if value:
+                args.append(param.opts[0])
+            elif param.secondary_opts:
+                args.append(param.secondary_opts[0])
+        elif value is not None:
+            args += [param.opts[0], str(value)]
+    return args
+
+
 class progress:
     """A rich progress bar on stderr (hidden when stderr is not a terminal)."""
 
@@ -102,4 +119,4 @@ def entry() -> None:
 
 
 # Each command lives in its own module and registers itself on `app`.
-from . import caption, classify, coco, convert, eval_captions, evaluate, models, retrieve  # noqa: E402,F401
+from . import caption, classify, coco, convert, eval_captions, evaluate, models, retrieve, train  # noqa: E402,F401
