@@ -6,15 +6,14 @@ import shutil
 
 import pytest
 
-from conftest import ROOT, run_cli
-
-PHOTOS = sorted((ROOT / "examples" / "images").glob("*.jpg"))
+from conftest import PHOTOS, ROOT, run_cli
 FAST = ["--seq-len", "8", "--min-seq-len", "2", "--num-beams", "2", "--num-beam-groups", "1"]
 
 
 @pytest.fixture(scope="module")
-def tiny(converted):
-    return str(converted("coca_tiny")[1])
+def native(tiny):
+    """The converted random-weight coca_tiny folder, as --pretrained takes it."""
+    return str(tiny[1])
 
 
 @pytest.fixture
@@ -26,31 +25,31 @@ def photos(tmp_path):
     return folder
 
 
-def test_captions_a_folder_as_tsv(tiny, photos, capsys):
-    assert run_cli("caption", photos, "--pretrained", tiny, *FAST) == 0
+def test_captions_a_folder_as_tsv(native, photos, capsys):
+    assert run_cli("caption", photos, "--pretrained", native, *FAST) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split("\t")[0] for line in lines] == [str(photos / p.name) for p in PHOTOS]
     assert all(len(line.split("\t")) == 2 and line.split("\t")[1] for line in lines)
 
 
-def test_same_captions_as_python_api(tiny, capsys):
+def test_same_captions_as_python_api(native, capsys):
     import torch
 
     from coca_cli import create_model_and_transforms, decode
     from coca_cli.transforms import load_image
 
-    assert run_cli("caption", *PHOTOS, "--pretrained", tiny, *FAST, "--batch-size", "2") == 0
+    assert run_cli("caption", *PHOTOS, "--pretrained", native, *FAST, "--batch-size", "2") == 0
     cli = dict(line.split("\t") for line in capsys.readouterr().out.splitlines())
-    model, _, transform = create_model_and_transforms(None, pretrained=tiny)
+    model, _, transform = create_model_and_transforms(None, pretrained=native)
     images = torch.stack([transform(load_image(p)) for p in PHOTOS])
     tokens = model.generate(images, seq_len=8, min_seq_len=2, num_beams=2, num_beam_groups=1)
     assert [cli[str(p)] for p in PHOTOS] == [decode(t) for t in tokens]
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".txt"])
-def test_output_file_formats(tiny, photos, tmp_path, suffix):
+def test_output_file_formats(native, photos, tmp_path, suffix):
     out = tmp_path / f"captions{suffix}"
-    assert run_cli("caption", photos, "--pretrained", tiny, *FAST, "--output", out) == 0
+    assert run_cli("caption", photos, "--pretrained", native, *FAST, "--output", out) == 0
     text = out.read_text()
     if suffix == ".jsonl":
         rows = [json.loads(line) for line in text.splitlines()]
@@ -63,19 +62,19 @@ def test_output_file_formats(tiny, photos, tmp_path, suffix):
         assert len(text.splitlines()) == len(PHOTOS)
 
 
-def test_json_lines_on_stdout(tiny, photos, capsys):
-    assert run_cli("caption", photos / "coffee.jpg", "--pretrained", tiny, *FAST, "--json") == 0
+def test_json_lines_on_stdout(native, photos, capsys):
+    assert run_cli("caption", photos / "coffee.jpg", "--pretrained", native, *FAST, "--json") == 0
     row = json.loads(capsys.readouterr().out)
     assert row["image"].endswith("coffee.jpg") and isinstance(row["caption"], str)
 
 
-def test_bad_files_are_reported_and_the_rest_captioned(tiny, photos, tmp_path, capsys):
+def test_bad_files_are_reported_and_the_rest_captioned(native, photos, tmp_path, capsys):
     (photos / "empty.jpg").write_bytes(b"")
     (photos / "notes.jpg").write_text("this is not an image")
     data = (photos / "chelsea.jpg").read_bytes()
     (photos / "truncated.jpg").write_bytes(data[: len(data) // 3])
     out = tmp_path / "c.jsonl"
-    assert run_cli("caption", photos, "--pretrained", tiny, *FAST, "--output", out) == 1
+    assert run_cli("caption", photos, "--pretrained", native, *FAST, "--output", out) == 1
     err = capsys.readouterr().err.splitlines()
     assert sorted(line.split(":")[0] for line in err[:-1]) == sorted(
         f"skipped {photos / n}" for n in ("empty.jpg", "notes.jpg", "truncated.jpg"))
@@ -84,23 +83,23 @@ def test_bad_files_are_reported_and_the_rest_captioned(tiny, photos, tmp_path, c
     assert len(out.read_text().splitlines()) == len(PHOTOS)
 
 
-def test_resume_skips_done_images_and_repairs_a_cut_line(tiny, photos, tmp_path, capsys):
+def test_resume_skips_done_images_and_repairs_a_cut_line(native, photos, tmp_path, capsys):
     out = tmp_path / "c.jsonl"
-    assert run_cli("caption", photos / "astronaut.jpg", "--pretrained", tiny, *FAST, "--output", out) == 0
+    assert run_cli("caption", photos / "astronaut.jpg", "--pretrained", native, *FAST, "--output", out) == 0
     first = out.read_text()
     with open(out, "a") as f:
         f.write('{"image": "' + str(photos / "chelsea.jpg") + '", "capt')  # killed mid-write
-    assert run_cli("caption", photos, "--pretrained", tiny, *FAST, "--output", out, "--resume") == 0
+    assert run_cli("caption", photos, "--pretrained", native, *FAST, "--output", out, "--resume") == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert out.read_text().startswith(first)
     assert sorted(r["image"] for r in rows) == sorted(str(photos / p.name) for p in PHOTOS)
     capsys.readouterr()
-    assert run_cli("caption", photos, "--pretrained", tiny, *FAST, "--output", out, "--resume") == 0
+    assert run_cli("caption", photos, "--pretrained", native, *FAST, "--output", out, "--resume") == 0
     assert "already captioned" in capsys.readouterr().err
 
 
-def test_seeded_sampling_is_reproducible(tiny, photos, capsys):
-    args = ["caption", photos, "--pretrained", tiny, "--generation-type", "top_p", "--top-p", "0.9",
+def test_seeded_sampling_is_reproducible(native, photos, capsys):
+    args = ["caption", photos, "--pretrained", native, "--generation-type", "top_p", "--top-p", "0.9",
             "--temperature", "1.5", "--seq-len", "10", "--seed", "3"]
     assert run_cli(*args) == 0
     first = capsys.readouterr().out
@@ -113,12 +112,85 @@ def test_seeded_sampling_is_reproducible(tiny, photos, capsys):
     (["--seq-len", "5", "--min-seq-len", "5"], "seq_len"),
     (["--generation-type", "top_p", "--top-p", "1.5"], "top_p"),
 ])
-def test_invalid_generation_settings_are_one_line(tiny, args, message, capsys):
-    assert run_cli("caption", PHOTOS[0], "--pretrained", tiny, *args) == 2
+def test_invalid_generation_settings_are_one_line(native, args, message, capsys):
+    assert run_cli("caption", PHOTOS[0], "--pretrained", native, *args) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err and err.startswith("coca: error:")
 
 
-def test_unsupported_output_type(tiny, tmp_path, capsys):
-    assert run_cli("caption", PHOTOS[0], "--pretrained", tiny, "--output", tmp_path / "c.xlsx") == 2
+def test_unsupported_output_type(native, tmp_path, capsys):
+    assert run_cli("caption", PHOTOS[0], "--pretrained", native, "--output", tmp_path / "c.xlsx") == 2
     assert "unsupported output file type" in capsys.readouterr().err
+
+
+def _write_shards(folder, photos):
+    """Three shards: real photos, one corrupt image, one sample with no image at all."""
+    import io
+    import tarfile
+
+    folder.mkdir()
+    samples = [(p.stem, "jpg", p.read_bytes()) for p in photos]
+    samples += [("broken", "jpg", photos[0].read_bytes()[:200]), ("textonly", "txt", b"no image here")]
+    for i in range(3):
+        with tarfile.open(folder / f"train-{i:04d}.tar", "w") as tar:
+            for key, ext, data in samples[i::3]:
+                info = tarfile.TarInfo(f"{i}_{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return folder
+
+
+def _shard_captions(out):
+    return {p.name: [json.loads(line) for line in p.read_text().splitlines()] for p in sorted(out.glob("*.jsonl"))}
+
+
+def test_shards_get_one_output_each_and_are_resumed(native, tmp_path, capsys):
+    import torch
+
+    from coca_cli import create_model_and_transforms, decode
+    from coca_cli.transforms import load_image
+
+    shards = _write_shards(tmp_path / "shards", PHOTOS)
+    out = tmp_path / "captions"
+    assert run_cli("caption", "--data", shards, "--output", out, "--pretrained", native, *FAST) == 0
+    captions = _shard_captions(out)
+    assert list(captions) == ["train-0000.jsonl", "train-0001.jsonl", "train-0002.jsonl"]
+    assert not list(out.glob("*.part"))
+    by_key = {row["key"]: row["caption"] for rows in captions.values() for row in rows}
+    assert sorted(by_key) == sorted(f"{i}_{p.stem}" for i, p in enumerate(PHOTOS))
+    model, _, transform = create_model_and_transforms(None, pretrained=native)
+    tokens = model.generate(torch.stack([transform(load_image(p)) for p in PHOTOS]), seq_len=8, min_seq_len=2,
+                            num_beams=2, num_beam_groups=1)
+    assert [by_key[f"{i}_{p.stem}"] for i, p in enumerate(PHOTOS)] == [decode(t) for t in tokens]
+    err = capsys.readouterr().err
+    assert "skipped 1 unreadable image" in err and "skipped 1 no image" in err
+
+    (out / "train-0001.jsonl").unlink()
+    assert run_cli("caption", "--data", shards, "--output", out, "--pretrained", native, *FAST) == 0
+    assert capsys.readouterr().err.strip() == "train-0001.tar: 1 captioned, skipped 1 no image"
+    assert _shard_captions(out) == captions
+    assert run_cli("caption", "--data", shards, "--output", out, "--pretrained", native, *FAST) == 0
+    assert "all 3 shards are already captioned" in capsys.readouterr().err
+
+
+def test_shards_split_over_two_processes_through_torchrun(native, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    shards = _write_shards(tmp_path / "shards", PHOTOS)
+    single, double = tmp_path / "one", tmp_path / "two"
+    assert run_cli("caption", "--data", shards, "--output", single, "--pretrained", native, *FAST) == 0
+    result = subprocess.run([sys.executable, "-m", "coca_cli", "caption", "--data", str(shards), "--output", str(double),
+                             "--pretrained", native, *FAST, "--gpus", "2", "--device", "cpu"],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert _shard_captions(double) == _shard_captions(single)
+
+
+def test_shard_options_need_an_output_folder(native, tmp_path, capsys):
+    assert run_cli("caption", "--data", tmp_path, "--pretrained", native) == 2
+    assert "--data needs --output DIR" in capsys.readouterr().err
+    assert run_cli("caption", PHOTOS[0], "--data", tmp_path, "--output", tmp_path / "o", "--pretrained", native) == 2
+    assert "not both" in capsys.readouterr().err

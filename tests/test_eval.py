@@ -8,21 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run_cli
-from test_zeroshot import (make_photo_dir, one_error_line, reference_classifier, reference_image_features,
-                           reference_text_features)
+from conftest import one_error_line, reference_classifier, reference_image_features, reference_text_features, run_cli
 
 DIGITS = ["zero", "one", "two", "three", "four", "five"]
-
-
-@pytest.fixture(scope="module")
-def photo_dir(tmp_path_factory):
-    return make_photo_dir(tmp_path_factory.mktemp("photos"))
-
-
-@pytest.fixture(scope="module")
-def tiny(converted):
-    return converted("coca_tiny")
 
 
 def clip_benchmark_recall(scores, caption_image, k):

@@ -12,21 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, openclip_reference, run_cli
-from test_zeroshot import PHOTOS, make_photo_dir, one_error_line, reference_image_features, reference_text_features
+from conftest import PHOTOS, ROOT, one_error_line, openclip_reference, reference_image_features, reference_text_features, run_cli
 
 QUERIES = ["a cat on a sofa", "a cup of coffee", "a rocket on the launch pad"]
 CAPTIONS = ["an astronaut in a white suit", "a tabby cat", "coffee in a cup", "a space rocket", "a man with a camera"]
-
-
-@pytest.fixture(scope="module")
-def photo_dir(tmp_path_factory):
-    return make_photo_dir(tmp_path_factory.mktemp("photos"))
-
-
-@pytest.fixture(scope="module")
-def tiny(converted):
-    return converted("coca_tiny")
 
 
 def search_args(native, *images, query="a cat"):

@@ -5,73 +5,10 @@ import shutil
 
 import pytest
 import torch
-from PIL import Image
 
-from conftest import ROOT, run_cli
+from conftest import PHOTOS, one_error_line, reference_classifier, reference_probs, run_cli
 
-PHOTOS = sorted((ROOT / "examples" / "images").glob("*.jpg"))
 LABELS = ["cat", "coffee", "astronaut", "rocket", "camera man", "dog"]
-
-
-# -- helpers shared with test_retrieval.py and test_eval.py ----------------------------------------
-
-def make_photo_dir(folder):
-    """The example photos plus two from scikit-image (one grayscale), copied into ``folder``."""
-    from skimage import data
-
-    for path in PHOTOS:
-        shutil.copy(path, folder / path.name)
-    Image.fromarray(data.rocket()).save(folder / "rocket.png")
-    Image.fromarray(data.camera()).save(folder / "camera.png")
-    return folder
-
-
-@pytest.fixture(scope="module")
-def photo_dir(tmp_path_factory):
-    return make_photo_dir(tmp_path_factory.mktemp("photos"))
-
-
-@pytest.fixture(scope="module")
-def tiny(converted):
-    """(open_clip reference model, native folder for --pretrained), same random weights."""
-    return converted("coca_tiny")
-
-
-def reference_image_features(ref, paths) -> torch.Tensor:
-    """open_clip's own preprocessing and encode_image."""
-    from open_clip.transform import PreprocessCfg, image_transform_v2
-
-    preprocess = image_transform_v2(PreprocessCfg(**ref.visual.preprocess_cfg), is_train=False)
-    with torch.no_grad():
-        return ref.encode_image(torch.stack([preprocess(Image.open(p)) for p in paths]), normalize=True)
-
-
-def reference_text_features(ref, texts) -> torch.Tensor:
-    import open_clip
-
-    with torch.no_grad():
-        return ref.encode_text(open_clip.get_tokenizer("coca_tiny")(list(texts)), normalize=True)
-
-
-def reference_classifier(ref, classnames, templates) -> torch.Tensor:
-    import open_clip
-    from open_clip.zero_shot_classifier import build_zero_shot_classifier
-
-    return build_zero_shot_classifier(ref, open_clip.get_tokenizer("coca_tiny"), classnames, templates)
-
-
-def reference_probs(ref, paths, classnames, templates) -> torch.Tensor:
-    """open_clip's zero-shot probabilities, with the model's own temperature (as `classify`)."""
-    with torch.no_grad():
-        logits = ref.logit_scale.exp() * reference_image_features(ref, paths) @ reference_classifier(ref, classnames,
-                                                                                                    templates)
-    return logits.softmax(dim=-1)
-
-
-def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    assert err.startswith("coca: error: ") and err.count("\n") == 1, err
-    return err
 
 
 # -- the library -------------------------------------------------------------------------------

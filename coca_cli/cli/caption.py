@@ -8,34 +8,40 @@ from typing import List, Optional
 import typer
 
 from ..errors import CocaError
-from . import app, err_console, pick_device, progress
+from . import app, command_line, err_console, pick_device, progress
+from .options import (BatchSizeOption, CaptionPretrainedOption, DeviceOption, GenerationTypeOption, MinSeqLenOption,
+                      ModelOption, NumBeamGroupsOption, NumBeamsOption, PrecisionOption, RepetitionPenaltyOption,
+                      SeedOption, SeqLenOption, TemperatureOption, TopKOption, TopPOption, WorkersOption)
 
 
 @app.command("caption")
 def caption_command(
-    inputs: List[str] = typer.Argument(..., help="Image files, folders (searched recursively) or glob patterns."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model config name or JSON path "
-                                        "[default: coca_ViT-L-14, or the config inside --pretrained]"),
-    pretrained: Optional[str] = typer.Option(None, "--pretrained", "-p", help="Published tag, hf-hub:org/repo, "
-                                             "native folder or checkpoint file "
-                                             "[default: mscoco_finetuned_laion2b_s13b_b90k]"),
-    device: str = typer.Option("auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps."),
-    precision: str = typer.Option("fp32", help="fp32, bf16 or fp16."),
-    batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, help="Images per batch."),
-    workers: int = typer.Option(0, min=0, help="Background processes decoding images."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write to FILE (.jsonl, .csv or .txt)."),
+    ctx: typer.Context,
+    inputs: Optional[List[str]] = typer.Argument(None, help="Image files, folders (searched recursively) or globs."),
+    data: Optional[str] = typer.Option(None, help="Webdataset shards instead of files: a folder of .tar, a brace "
+                                       "pattern or a list joined by '::'; --output is then a folder."),
+    gpus: Optional[int] = typer.Option(None, min=1, help="With --data: processes to split the shards over "
+                                       "(relaunches through torchrun) [default: all visible GPUs, 1 on CPU]."),
+    model: ModelOption = None,
+    pretrained: CaptionPretrainedOption = None,
+    device: DeviceOption = "auto",
+    precision: PrecisionOption = "fp32",
+    batch_size: BatchSizeOption = 8,
+    workers: WorkersOption = 0,
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write to FILE (.jsonl, .csv or .txt); "
+                                          "with --data, a folder."),
     as_json: bool = typer.Option(False, "--json", help="JSON Lines on stdout instead of path<TAB>caption."),
-    resume: bool = typer.Option(False, help="Skip images already in --output."),
-    generation_type: str = typer.Option("beam_search", help="beam_search, top_k or top_p."),
-    seq_len: int = typer.Option(30, help="Maximum caption length in tokens (incl. start/end)."),
-    min_seq_len: int = typer.Option(5, help="Minimum caption length in tokens."),
-    num_beams: int = typer.Option(6, help="Beams for beam search."),
-    num_beam_groups: int = typer.Option(3, help="Diverse beam search groups (must divide --num-beams)."),
-    top_k: int = typer.Option(1, help="top_k sampling: keep the K most likely tokens (1 = greedy)."),
-    top_p: float = typer.Option(0.1, help="top_p sampling: keep tokens within this probability mass."),
-    temperature: float = typer.Option(1.0, help="Sampling temperature."),
-    repetition_penalty: float = typer.Option(1.0, help="Penalty for repeated tokens (1.0 = none)."),
-    seed: Optional[int] = typer.Option(None, help="Random seed for sampling."),
+    resume: bool = typer.Option(False, help="Skip images already in --output (shards are always resumed)."),
+    generation_type: GenerationTypeOption = "beam_search",
+    seq_len: SeqLenOption = 30,
+    min_seq_len: MinSeqLenOption = 5,
+    num_beams: NumBeamsOption = 6,
+    num_beam_groups: NumBeamGroupsOption = 3,
+    top_k: TopKOption = 1,
+    top_p: TopPOption = 0.1,
+    temperature: TemperatureOption = 1.0,
+    repetition_penalty: RepetitionPenaltyOption = 1.0,
+    seed: SeedOption = None,
 ):
     """Caption images, writing each result as soon as it is ready.
 
@@ -43,32 +49,57 @@ def caption_command(
     Examples:
       coca caption photos/*.jpg
       coca caption photos/ --output captions.jsonl --resume
+      coca caption --data shards/ --output captions/ --gpus 8
     """
-    import torch
-
-    from ..captioning import CaptionWriter, caption_images
-    from ..factory import create_model_and_transforms
-    from ..images import collect_images
+    from ..generation import validate_options
     from ..pretrained import DEFAULT_CAPTION_MODEL, DEFAULT_CAPTION_PRETRAINED
 
     generation = dict(generation_type=generation_type, seq_len=seq_len, min_seq_len=min_seq_len, num_beams=num_beams,
                       num_beam_groups=num_beam_groups, top_k=top_k, top_p=top_p, temperature=temperature,
                       repetition_penalty=repetition_penalty)
-    from ..generation import validate_options
-
     validate_options(**generation)
-    paths = collect_images(inputs)
     if pretrained is None:
         pretrained = DEFAULT_CAPTION_PRETRAINED
         model = model or DEFAULT_CAPTION_MODEL
+    load = dict(model_name=model, pretrained=pretrained, precision=precision)
+    if data is not None:
+        if inputs:
+            raise CocaError("give image files or --data shards, not both")
+        if output is None:
+            raise CocaError("--data needs --output DIR: one .jsonl file per shard is written there")
+        from ..distributed import default_processes, launched, relaunch
+
+        nproc = gpus or default_processes()
+        if nproc > 1 and not launched():
+            return relaunch(command_line(ctx, drop=("gpus",)), nproc)
+        return _caption_shards(data, output, device, batch_size, seed, load, generation)
+    if not inputs:
+        raise CocaError("give image files, folders or globs to caption (or --data shards)")
+    return _caption_files(inputs, output, as_json, resume, device, batch_size, workers, seed, load, generation)
+
+
+def _load(device: str, seed: Optional[int], load: dict):
+    import torch
+
+    from ..factory import create_model_and_transforms
+
+    net, _, transform = create_model_and_transforms(device=device, **load)
+    generator = torch.Generator(device=next(net.parameters()).device).manual_seed(seed) if seed is not None else None
+    return net, transform, generator
+
+
+def _caption_files(inputs, output, as_json, resume, device, batch_size, workers, seed, load, generation):
+    from ..captioning import CaptionWriter, caption_images
+    from ..images import collect_images
+
+    paths = collect_images(inputs)
     writer = CaptionWriter(output, as_json=as_json, resume=resume)
     todo = [p for p in paths if str(p) not in writer.done]
     if not todo:
         writer.close()
         err_console.print(f"all {len(paths)} images are already captioned in {output}")
         return
-    net, _, transform = create_model_and_transforms(model, pretrained, precision=precision, device=pick_device(device))
-    generator = torch.Generator(device=next(net.parameters()).device).manual_seed(seed) if seed is not None else None
+    net, transform, generator = _load(pick_device(device), seed, load)
     failed = 0
     with writer, progress(len(todo), "captioning") as advance:
         for path, caption, reason in caption_images(net, transform, todo, batch_size, workers, generator=generator,
@@ -81,3 +112,25 @@ def caption_command(
             advance()
     if failed:
         raise CocaError(f"{failed} of {len(todo)} images could not be captioned", exit_code=1)
+
+
+def _caption_shards(data, output, device, batch_size, seed, load, generation):
+    """This process's share of the shards; under torchrun each rank takes every N-th shard."""
+    import os
+
+    from ..data import resolve_shards
+    from ..distributed import resolve_device
+    from ..recaption import caption_shard, my_shards
+
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    shards = resolve_shards(data)
+    todo = my_shards(shards, output, rank, world_size)
+    if not todo:
+        err_console.print(f"all {len(shards)} shards are already captioned in {output}")
+        return
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    net, transform, generator = _load(resolve_device(device, local_rank, world_size > 1), seed, load)
+    for shard in todo:
+        report = caption_shard(net, transform, shard, output, batch_size, generator=generator, **generation)
+        skipped = ", ".join(f"{n} {why}" for why, n in report.skipped.items())
+        err_console.print(f"{Path(shard).name}: {report.captioned} captioned" + (f", skipped {skipped}" if skipped else ""))

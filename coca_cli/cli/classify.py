@@ -1,11 +1,11 @@
-"""`coca classify`, and the pieces every contrastive command shares (options, model, embedding)."""
+"""`coca classify`, and the pieces every contrastive command shares (model loading, embedding)."""
 
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Iterator, List, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence
 
 import typer
 from rich.console import Console
@@ -14,22 +14,10 @@ from rich.text import Text
 
 from ..errors import CocaError
 from . import app, err_console, pick_device, progress
+from .options import (BatchSizeOption, ContrastivePretrainedOption, DeviceOption, ModelOption, PrecisionOption,
+                      TemplatesOption, WorkersOption)
 
 # -- shared by classify, retrieve and eval ------------------------------------------------------
-
-ModelOption = Annotated[Optional[str], typer.Option(
-    "--model", "-m", help="Model config name or JSON path [default: coca_ViT-L-14, or the config inside --pretrained]")]
-PretrainedOption = Annotated[Optional[str], typer.Option(
-    "--pretrained", "-p", help="Published tag, hf-hub:org/repo, native folder or checkpoint file "
-                               "[default: laion2b_s13b_b90k]")]
-DeviceOption = Annotated[str, typer.Option(help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps.")]
-PrecisionOption = Annotated[str, typer.Option(help="fp32, bf16 or fp16.")]
-BatchSizeOption = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per batch.")]
-WorkersOption = Annotated[int, typer.Option(min=0, help="Background processes decoding images.")]
-TemplatesOption = Annotated[str, typer.Option(
-    help="Prompt templates: default ('a photo of a {}.'), imagenet (OpenAI's 80-prompt ensemble) "
-         "or a UTF-8 file with one template a line, {} marking the class name.")]
-
 
 def with_defaults(model: Optional[str], pretrained: Optional[str]) -> tuple[Optional[str], str]:
     """Without --pretrained: the LAION weights, not the MSCOCO fine-tune, which captions better
@@ -103,7 +91,7 @@ def classify_command(
     top_k: int = typer.Option(5, "--top-k", "-k", min=1, help="Labels shown per image."),
     as_json: bool = typer.Option(False, "--json", help="JSON Lines on stdout, one object per image, not tables."),
     model: ModelOption = None,
-    pretrained: PretrainedOption = None,
+    pretrained: ContrastivePretrainedOption = None,
     device: DeviceOption = "auto",
     precision: PrecisionOption = "fp32",
     batch_size: BatchSizeOption = 32,

@@ -14,6 +14,9 @@ from rich.text import Text
 from ..errors import CocaError
 from . import err_console, pick_device, progress
 from .evaluate import eval_app
+from .options import (BatchSizeOption, CaptionPretrainedOption, DeviceOption, GenerationTypeOption, MinSeqLenOption,
+                      ModelOption, NumBeamGroupsOption, NumBeamsOption, PrecisionOption, RepetitionPenaltyOption,
+                      SeedOption, SeqLenOption, TemperatureOption, TopKOption, TopPOption, WorkersOption)
 
 
 def captions_command(
@@ -31,25 +34,22 @@ def captions_command(
     java_metrics: bool = typer.Option(True, "--java-metrics/--no-java-metrics", help="METEOR and SPICE run "
                                       "pycocoevalcap's Java programs (when it and java are installed); "
                                       "--no-java-metrics skips them."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model config name or JSON path "
-                                        "[default: coca_ViT-L-14, or the config inside --pretrained]"),
-    pretrained: Optional[str] = typer.Option(None, "--pretrained", "-p", help="Published tag, hf-hub:org/repo, "
-                                             "native folder or checkpoint file "
-                                             "[default: mscoco_finetuned_laion2b_s13b_b90k]"),
-    device: str = typer.Option("auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps."),
-    precision: str = typer.Option("fp32", help="fp32, bf16 or fp16."),
-    batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, help="Images per batch."),
-    workers: int = typer.Option(0, min=0, help="Background processes decoding images."),
-    generation_type: str = typer.Option("beam_search", help="beam_search, top_k or top_p."),
-    seq_len: int = typer.Option(30, help="Maximum caption length in tokens (incl. start/end)."),
-    min_seq_len: int = typer.Option(5, help="Minimum caption length in tokens."),
-    num_beams: int = typer.Option(6, help="Beams for beam search."),
-    num_beam_groups: int = typer.Option(3, help="Diverse beam search groups (must divide --num-beams)."),
-    top_k: int = typer.Option(1, help="top_k sampling: keep the K most likely tokens (1 = greedy)."),
-    top_p: float = typer.Option(0.1, help="top_p sampling: keep tokens within this probability mass."),
-    temperature: float = typer.Option(1.0, help="Sampling temperature."),
-    repetition_penalty: float = typer.Option(1.0, help="Penalty for repeated tokens (1.0 = none)."),
-    seed: Optional[int] = typer.Option(None, help="Random seed for sampling."),
+    model: ModelOption = None,
+    pretrained: CaptionPretrainedOption = None,
+    device: DeviceOption = "auto",
+    precision: PrecisionOption = "fp32",
+    batch_size: BatchSizeOption = 8,
+    workers: WorkersOption = 0,
+    generation_type: GenerationTypeOption = "beam_search",
+    seq_len: SeqLenOption = 30,
+    min_seq_len: MinSeqLenOption = 5,
+    num_beams: NumBeamsOption = 6,
+    num_beam_groups: NumBeamGroupsOption = 3,
+    top_k: TopKOption = 1,
+    top_p: TopPOption = 0.1,
+    temperature: TemperatureOption = 1.0,
+    repetition_penalty: RepetitionPenaltyOption = 1.0,
+    seed: SeedOption = None,
 ):
     """Caption every image of --data (or read --predictions) and score against all its references.
 

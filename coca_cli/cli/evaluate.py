@@ -12,8 +12,9 @@ from rich.table import Table
 from rich.text import Text
 
 from . import app, err_console
-from .classify import (BatchSizeOption, DeviceOption, ModelOption, PrecisionOption, PretrainedOption, TemplatesOption,
-                       WorkersOption, embed_batches, fail_if_skipped, load_contrastive, require_features, with_defaults)
+from .classify import embed_batches, fail_if_skipped, load_contrastive, require_features, with_defaults
+from .options import (BatchSizeOption, ContrastivePretrainedOption, DeviceOption, ModelOption, PrecisionOption,
+                      TemplatesOption, WorkersOption)
 
 eval_app = typer.Typer(
     no_args_is_help=True,
@@ -33,7 +34,7 @@ def zeroshot_command(
     templates: TemplatesOption = "default",
     output: Optional[Path] = OutputOption,
     model: ModelOption = None,
-    pretrained: PretrainedOption = None,
+    pretrained: ContrastivePretrainedOption = None,
     device: DeviceOption = "auto",
     precision: PrecisionOption = "fp32",
     batch_size: BatchSizeOption = 32,
@@ -73,7 +74,7 @@ def retrieval_command(
     separator: str = typer.Option("\\t", "--separator", help="Column separator, one character (\\t for tab)."),
     output: Optional[Path] = OutputOption,
     model: ModelOption = None,
-    pretrained: PretrainedOption = None,
+    pretrained: ContrastivePretrainedOption = None,
     device: DeviceOption = "auto",
     precision: PrecisionOption = "fp32",
     batch_size: BatchSizeOption = 32,

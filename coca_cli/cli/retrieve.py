@@ -13,8 +13,9 @@ from rich.text import Text
 
 from ..errors import CocaError
 from . import app, err_console
-from .classify import (BatchSizeOption, DeviceOption, ModelOption, PrecisionOption, PretrainedOption, WorkersOption,
-                       embed_batches, fail_if_skipped, load_contrastive, require_features)
+from .classify import embed_batches, fail_if_skipped, load_contrastive, require_features
+from .options import (BatchSizeOption, ContrastivePretrainedOption, DeviceOption, ModelOption, PrecisionOption,
+                      WorkersOption)
 
 USAGE = "search images with --images DIR --query TEXT, or texts with --texts FILE --image IMAGE"
 
@@ -33,7 +34,7 @@ def retrieve_command(
     as_json: bool = typer.Option(False, "--json", help="JSON Lines on stdout, one object per query, not tables."),
     html: Optional[Path] = typer.Option(None, "--html", help="Also write an HTML page with thumbnails and scores."),
     model: ModelOption = None,
-    pretrained: PretrainedOption = None,
+    pretrained: ContrastivePretrainedOption = None,
     device: DeviceOption = "auto",
     precision: PrecisionOption = "fp32",
     batch_size: BatchSizeOption = 32,

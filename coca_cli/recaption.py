@@ -1,0 +1,80 @@
+"""Recaptioning webdataset shards: one JSON Lines file per shard, shards split across processes.
+
+A shard's output is written to ``NAME.jsonl.part`` and renamed when the shard is finished,
+so a finished file means a finished shard: an interrupted run redoes only unfinished shards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import torch
+
+from .data import SkipSample, decode_image, tar_samples
+from .tokenizer import decode
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+
+
+def shard_output(output: Path, shard: str) -> Path:
+    name = Path(shard).name
+    return output / f"{name[:-4] if name.endswith('.tar') else name}.jsonl"
+
+
+def my_shards(shards: list[str], output: Path, rank: int = 0, world_size: int = 1) -> list[str]:
+    """This process's share of the shards not yet captioned (round-robin over ranks)."""
+    return [s for s in shards[rank::world_size] if not shard_output(output, s).exists()]
+
+
+@dataclass
+class ShardReport:
+    shard: str
+    captioned: int = 0
+    skipped: Counter = field(default_factory=Counter)
+
+
+def _images(shard: str, transform: Callable, skipped: Counter) -> Iterator[tuple[str, torch.Tensor]]:
+    for sample in tar_samples(shard, skipped):
+        data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
+        if data is None:
+            skipped["no image"] += 1
+            continue
+        try:
+            yield sample["__key__"], transform(decode_image(data))
+        except SkipSample as reason:
+            skipped[str(reason)] += 1
+
+
+def caption_shard(model, transform: Callable, shard: str, output: Path, batch_size: int = 32,
+                  generator: Optional[torch.Generator] = None, **generate_kwargs) -> ShardReport:
+    """Caption every image of ``shard`` into ``output/NAME.jsonl`` ({"key", "caption"} per line)."""
+    report = ShardReport(shard)
+    target = shard_output(output, shard)
+    partial = target.with_name(target.name + ".part")
+    param = next(model.parameters())
+
+    def flush(keys, images, out):
+        batch = torch.stack(images).to(device=param.device, dtype=param.dtype)
+        tokens = model.generate(batch, generator=generator, **generate_kwargs)
+        for key, ids in zip(keys, tokens.tolist()):
+            out.write(json.dumps({"key": key, "caption": decode(ids)}, ensure_ascii=False) + "\n")
+        report.captioned += len(keys)
+
+    output.mkdir(parents=True, exist_ok=True)
+    with open(partial, "w", encoding="utf-8") as out:
+        keys, images = [], []
+        for key, image in _images(shard, transform, report.skipped):
+            keys.append(key)
+            images.append(image)
+            if len(keys) == batch_size:
+                flush(keys, images, out)
+                keys, images = [], []
+        if keys:
+            flush(keys, images, out)
+    os.replace(partial, target)
+    return report
