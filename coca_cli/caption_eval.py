@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 from .coco_metrics import METRIC_NAMES, score_captions
-from .errors import CocaError
+from .errors import CocaError, reading
 from .retrieval import read_pairs
 
 
@@ -56,7 +56,7 @@ def read_predictions(path: Path) -> dict[str, str]:
             raise CocaError(f"{path}, line {line}: {image} already has a caption (line {first_line[image]})")
         out[image], first_line[image] = caption, line
 
-    try:
+    with reading(path):
         with open(path, encoding="utf-8-sig", newline="") as f:
             if suffix == ".csv":
                 reader = csv.DictReader(f)
@@ -85,12 +85,6 @@ def read_predictions(path: Path) -> dict[str, str]:
                     if not isinstance(row, dict) or "image" not in row or "caption" not in row:
                         raise CocaError(f"{path}, line {line}: expected a JSON object with fields image and caption")
                     add(row["image"], row["caption"], line)
-    except FileNotFoundError:
-        raise CocaError(f"no such file: {path}") from None
-    except UnicodeDecodeError as err:
-        raise CocaError(f"{path} is not UTF-8 text (byte {err.start})") from None
-    except OSError as err:
-        raise CocaError(f"cannot read {path}: {err.strerror or err}") from None
     if not out:
         raise CocaError(f"no captions in {path}")
     return out

@@ -1,5 +1,7 @@
 """The one exception type the CLI turns into a single line on stderr."""
 
+import contextlib
+
 
 class CocaError(Exception):
     """A problem the user can fix (bad name, missing file, mismatched checkpoint).
@@ -10,3 +12,16 @@ class CocaError(Exception):
     def __init__(self, message: str, exit_code: int = 2):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+@contextlib.contextmanager
+def reading(path):
+    """Report the ways reading a text file fails (missing, not UTF-8, unreadable) as one line."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise CocaError(f"no such file: {path}") from None
+    except UnicodeDecodeError as err:
+        raise CocaError(f"{path} is not UTF-8 text (byte {err.start})") from None
+    except OSError as err:
+        raise CocaError(f"cannot read {path}: {err.strerror or err}") from None

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import _atomic_write
-from .errors import CocaError
+from .errors import CocaError, reading
 from .images import iter_batches
 from .transforms import ImageLoadError, load_image
 
@@ -283,7 +283,7 @@ def read_pairs(path: Path, img_key: str = "filepath", caption_key: str = "title"
     path = Path(path).expanduser()
     if len(separator) != 1:
         raise CocaError(f"separator must be one character, got '{separator}'")
-    try:
+    with reading(path):
         with open(path, encoding="utf-8-sig", newline="") as f:
             reader = csv.DictReader(f, delimiter=separator)
             columns = reader.fieldnames or []
@@ -292,12 +292,6 @@ def read_pairs(path: Path, img_key: str = "filepath", caption_key: str = "title"
                 raise CocaError(f"{path} has no column {', '.join(repr(m) for m in missing)} (columns: "
                                 f"{', '.join(columns) or 'none'}); choose them with --img-key and --caption-key")
             rows = [(row[img_key], row[caption_key], line) for line, row in enumerate(reader, start=2)]
-    except FileNotFoundError:
-        raise CocaError(f"no such file: {path}") from None
-    except UnicodeDecodeError as err:
-        raise CocaError(f"{path} is not UTF-8 text (byte {err.start})") from None
-    except OSError as err:
-        raise CocaError(f"cannot read {path}: {err.strerror or err}") from None
     if not rows:
         raise CocaError(f"no image-caption pairs in {path}")
     index: dict[Path, int] = {}
