@@ -13,6 +13,7 @@ from torch import nn
 
 from .config import MultimodalCfg
 from .layers import KVCache, LayerNorm, ResidualBlock, causal_mask
+from .packed import linear
 
 
 class MultimodalDecoder(nn.Module):
@@ -57,9 +58,9 @@ class MultimodalDecoder(nn.Module):
         return [block.context_kv(image_embs) for block in self.cross_attn]
 
     def step(self, text_embs: torch.Tensor, cache: list[KVCache], image_kv) -> torch.Tensor:
-        """Logits [B, T_new, vocab] for new positions, given cached past positions."""
+        """Logits [B, vocab] of the last new position, given cached past positions."""
         x = text_embs
         for self_block, cross_block, layer_cache, (k, v) in zip(self.resblocks, self.cross_attn, cache, image_kv):
             x = self_block.step_self(x, layer_cache)
             x = cross_block.step_cross(x, k, v)
-        return self.ln_final(x) @ self.text_projection
+        return linear(self.ln_final(x[:, -1]), self.text_projection.T)

@@ -49,6 +49,8 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
+from .packed import packed_linears
+
 SOT_TOKEN_ID = 49406
 EOS_TOKEN_ID = 49407
 GENERATION_TYPES = ("beam_search", "top_k", "top_p")
@@ -211,7 +213,7 @@ class _IncrementalDecoder:
         past = self.length
         previous = seq[:, past - 1] if past else None
         embs = self.text.step(seq[:, past:], self.text_cache, previous)
-        return self.decoder.step(embs, self.decoder_cache, self.image_kv)[:, -1].float()
+        return self.decoder.step(embs, self.decoder_cache, self.image_kv).float()
 
 
 class _FullRecompute:
@@ -600,7 +602,7 @@ def generate(model, image: torch.Tensor, text: Optional[torch.Tensor] = None, se
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), packed_linears():
             image_latent, image_embs = model._encode_image(image)
             limit = max_decode_length(model)
             if hasattr(model.text, "step"):

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from .packed import linear
+
 
 class LayerNorm(nn.LayerNorm):
     """LayerNorm that returns the input dtype (weights may be fp32 under autocast)."""
@@ -29,6 +31,13 @@ class LayerNormFp32(nn.LayerNorm):
         weight = self.weight.float() if self.weight is not None else None
         bias = self.bias.float() if self.bias is not None else None
         return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` that can run on prepacked weights while decoding (see ``packed.py``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
 
 
 class QuickGELU(nn.Module):
@@ -102,7 +111,7 @@ class Attention(nn.Module):
             self.k_proj_weight = nn.Parameter(torch.empty(dim, kv_dim))
             self.v_proj_weight = nn.Parameter(torch.empty(dim, kv_dim))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
-        self.out_proj = nn.Linear(dim, dim)
+        self.out_proj = Linear(dim, dim)
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -122,7 +131,7 @@ class Attention(nn.Module):
 
     def project_qkv(self, x: torch.Tensor):
         """Self-attention projections in one matmul: [B, T, C] -> 3 x [B, heads, T, head_dim]."""
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        qkv = linear(x, self.in_proj_weight, self.in_proj_bias)
         return [self._split_heads(t) for t in qkv.chunk(3, dim=-1)]
 
     def project_kv(self, context: torch.Tensor):
@@ -138,7 +147,7 @@ class Attention(nn.Module):
 
     def project_q(self, x: torch.Tensor) -> torch.Tensor:
         w_q = self._weights()[0]
-        return self._split_heads(F.linear(x, w_q, self.in_proj_bias.chunk(3)[0]))
+        return self._split_heads(linear(x, w_q, self.in_proj_bias.chunk(3)[0]))
 
     def attend(self, q, k, v, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """q [B, h, Tq, d], k/v [B, h, Tk, d], boolean mask (True = attend) -> [B, Tq, C]."""
@@ -173,9 +182,9 @@ class ResidualBlock(nn.Module):
         self.ln_2 = norm_layer(width)
         hidden = int(width * mlp_ratio)
         self.mlp = nn.Sequential(OrderedDict([
-            ("c_fc", nn.Linear(width, hidden)),
+            ("c_fc", Linear(width, hidden)),
             ("gelu", act_layer()),
-            ("c_proj", nn.Linear(hidden, width)),
+            ("c_proj", Linear(hidden, width)),
         ]))
         self.ls_2 = LayerScale(width, ls_init_value) if ls_init_value is not None else nn.Identity()
 
