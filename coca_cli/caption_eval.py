@@ -28,7 +28,7 @@ class References:
 
 
 def read_references(path: Path, img_key: str = "filepath", caption_key: str = "title",
-                    separator: str = "\t") -> References:
+                    separator: Optional[str] = None) -> References:
     """Reference captions from a CSV/TSV (``coca prepare-coco``'s files: ``filepath``, ``title``).
 
     Relative image paths are relative to the file's folder.

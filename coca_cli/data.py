@@ -167,6 +167,18 @@ def decode_image(data: bytes) -> Image.Image:
         raise SkipSample("unreadable image") from None
 
 
+@contextlib.contextmanager
+def failing_on(sample: str):
+    """An unexpected error while preparing a sample names the sample: from a loader worker it would
+    otherwise arrive as a traceback about the worker. Unusable samples (SkipSample) pass through."""
+    try:
+        yield
+    except (SkipSample, CocaError, MemoryError):
+        raise
+    except Exception as err:  # noqa: BLE001 - reported whole, in one line
+        raise CocaError(f"failed on {sample}: {type(err).__name__}: {err}", exit_code=1) from None
+
+
 def caption_of(sample: dict) -> str:
     for key in CAPTION_KEYS:
         if key not in sample:
@@ -207,17 +219,27 @@ def sample_seed(*parts: int) -> int:
 
 # -- CSV / TSV -----------------------------------------------------------------------------------
 
+def column_separator(path: Path, separator: Optional[str] = None) -> str:
+    """The separator given (``\\t`` or ``tab`` spelled out for a tab), else by suffix: ',' for .csv,
+    tab otherwise (open_clip's default)."""
+    if separator is None:
+        return "," if Path(path).suffix.lower() == ".csv" else "\t"
+    return "\t" if separator in ("\\t", "tab") else separator
+
+
 def read_table(path: str, img_key: str, caption_key: str, separator: Optional[str]) -> tuple[list[str], list]:
     import pandas as pd
 
     file = Path(path).expanduser()
     if not file.is_file():
         raise CocaError(f"data file not found: {path}")
-    sep = separator if separator is not None else ("," if file.suffix.lower() == ".csv" else "\t")
+    sep = column_separator(file, separator)
     try:
         table = pd.read_csv(file, sep=sep, dtype=str, keep_default_na=False,
                             engine="python" if len(sep) > 1 else "c")
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as err:
+    except UnicodeDecodeError as err:
+        raise CocaError(f"{file} is not UTF-8 text (byte {err.start})") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as err:
         raise CocaError(f"cannot read {file} as a table: {str(err).splitlines()[0] if str(err) else err}") from None
     missing = [k for k in (img_key, caption_key) if k not in table.columns]
     if missing:
@@ -250,8 +272,9 @@ class CsvSamples(Dataset):
             data = Path(self.paths[index]).read_bytes()
         except OSError:
             raise SkipSample("unreadable image") from None
-        image = decode_image(data)
-        return seeded(self.transform, image, sample_seed(self.seed, epoch, index)), caption.strip()
+        with failing_on(self.paths[index]):
+            image = decode_image(data)
+            return seeded(self.transform, image, sample_seed(self.seed, epoch, index)), caption.strip()
 
     def __getitem__(self, item):
         index, epoch = item
@@ -320,7 +343,7 @@ def open_stream(url: str):
 
 
 def tar_samples(url: str, problems: Counter) -> Iterator[dict]:
-    """Samples of one shard: {'__key__': key, ext: bytes, ...}; a broken shard ends early, counted."""
+    """Samples of one shard: {'__key__': key, '__url__': url, ext: bytes, ...}; a broken shard ends early, counted."""
     current: dict = {}
     try:
         with open_stream(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
@@ -335,7 +358,7 @@ def tar_samples(url: str, problems: Counter) -> Iterator[dict]:
                 if current and current["__key__"] != key:
                     yield current
                     current = {}
-                current["__key__"] = key
+                current["__key__"], current["__url__"] = key, url
                 current[ext.lower()] = tar.extractfile(member).read()
     except (OSError, tarfile.TarError, EOFError) as err:
         problems[f"unreadable shard ({type(err).__name__})"] += 1
@@ -420,8 +443,9 @@ class ShardStream(IterableDataset):
                 key = next((k for k in IMAGE_KEYS if k in sample), None)
                 if key is None:
                     raise SkipSample("no image")
-                image = seeded(self.transform, decode_image(sample[key]),
-                               sample_seed(self.cfg.seed, self.epoch, self.restart, role, raw))
+                with failing_on(f"sample {sample['__key__']} of {sample['__url__']}"):
+                    image = seeded(self.transform, decode_image(sample[key]),
+                                   sample_seed(self.cfg.seed, self.epoch, self.restart, role, raw))
             except SkipSample as why:
                 problems[str(why)] += 1
                 continue

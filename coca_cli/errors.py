@@ -14,6 +14,13 @@ class CocaError(Exception):
         self.exit_code = exit_code
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised so that files are closed and finished results kept on the way out.
+
+    A BaseException, like KeyboardInterrupt, so that ``except Exception`` does not swallow it.
+    """
+
+
 @contextlib.contextmanager
 def reading(path):
     """Report the ways reading a text file fails (missing, not UTF-8, unreadable) as one line."""

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import glob
+import multiprocessing
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from .errors import CocaError
 from .transforms import ImageLoadError, load_image
@@ -48,13 +49,20 @@ class Batch:
 
 
 class _ImageFiles(Dataset):
-    def __init__(self, paths: list[Path], transform: Callable):
+    """One decoded image per item. Each worker records the item it is on, so that a worker that
+    dies (a decoder crash, the out-of-memory killer) can be reported with the file it was reading."""
+
+    def __init__(self, paths: list[Path], transform: Callable, workers: int):
         self.paths, self.transform = paths, transform
+        self.busy = multiprocessing.Array("q", max(workers, 1), lock=False)  # per worker: item + 1, or 0
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
+        info = get_worker_info()
+        slot = info.id if info is not None else 0
+        self.busy[slot] = i + 1
         path = self.paths[i]
         try:
             return path, self.transform(load_image(path)), None
@@ -62,6 +70,15 @@ class _ImageFiles(Dataset):
             return path, None, err.reason
         except (OSError, ValueError) as err:  # a decoder error surfacing during transform
             return path, None, f"cannot decode image ({err})"
+        except MemoryError:
+            raise
+        except Exception as err:  # noqa: BLE001 - whatever else breaks on this file, it is this file's failure
+            return path, None, f"failed: {type(err).__name__}: {err}"
+        finally:
+            self.busy[slot] = 0
+
+    def in_flight(self) -> list[Path]:
+        return [self.paths[item - 1] for item in self.busy if item]
 
 
 def _collate(items) -> Batch:
@@ -75,6 +92,14 @@ def _collate(items) -> Batch:
 
 def iter_batches(paths: list[Path], transform: Callable, batch_size: int, workers: int = 0) -> Iterator[Batch]:
     """Batches in input order; decoding runs in ``workers`` background processes."""
-    loader = DataLoader(_ImageFiles(paths, transform), batch_size=batch_size, num_workers=workers,
-                        collate_fn=_collate, shuffle=False)
-    yield from loader
+    files = _ImageFiles(paths, transform, workers)
+    loader = DataLoader(files, batch_size=batch_size, num_workers=workers, collate_fn=_collate, shuffle=False)
+    try:
+        yield from loader
+    except RuntimeError as err:
+        if not str(err).startswith("DataLoader worker"):
+            raise
+        busy = files.in_flight()
+        reading = f"{'one of ' if len(busy) > 1 else ''}{', '.join(map(str, busy))}" if busy else "an image"
+        raise CocaError(f"a worker decoding images died while reading {reading} ({str(err).strip()}); "
+                        "results so far are kept", exit_code=1) from None

@@ -15,7 +15,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from .data import SkipSample, decode_image, tar_samples
+from .data import SkipSample, decode_image, failing_on, tar_samples
 from .tokenizer import decode
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -45,9 +45,12 @@ def _images(shard: str, transform: Callable, skipped: Counter) -> Iterator[tuple
             skipped["no image"] += 1
             continue
         try:
-            yield sample["__key__"], transform(decode_image(data))
+            with failing_on(f"sample {sample['__key__']} of {shard}"):
+                image = transform(decode_image(data))
         except SkipSample as reason:
             skipped[str(reason)] += 1
+            continue
+        yield sample["__key__"], image
 
 
 def caption_shard(model, transform: Callable, shard: str, output: Path, batch_size: int = 32,

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import _atomic_write
+from .data import column_separator
 from .errors import CocaError, reading
 from .images import iter_batches
 from .transforms import ImageLoadError, load_image
@@ -275,12 +276,15 @@ class Pairs:
         return Pairs(list(loaded), [text for text, _ in kept], [i for _, i in kept])
 
 
-def read_pairs(path: Path, img_key: str = "filepath", caption_key: str = "title", separator: str = "\t") -> Pairs:
+def read_pairs(path: Path, img_key: str = "filepath", caption_key: str = "title",
+               separator: Optional[str] = None) -> Pairs:
     """Read a CSV/TSV of image paths and captions (open_clip's CsvDataset layout).
 
     Relative image paths are taken from the file's folder, so a dataset can be moved whole.
+    The separator defaults to ',' for .csv files and a tab otherwise.
     """
     path = Path(path).expanduser()
+    separator = column_separator(path, separator)
     if len(separator) != 1:
         raise CocaError(f"separator must be one character, got '{separator}'")
     with reading(path):

@@ -10,14 +10,32 @@ from coca_cli import get_model_config
 from coca_cli.errors import CocaError
 from conftest import ROOT, run_cli
 
-COMMANDS = ["models", "convert", "caption"]
+def _commands(group=None, prefix=()):
+    """Every leaf command of the app, as argument lists: ["caption"], ["eval", "zeroshot"] ..."""
+    import typer
+
+    from coca_cli.cli import app
+
+    group = group or typer.main.get_command(app)
+    for name, command in sorted(group.commands.items()):
+        if hasattr(command, "commands"):
+            yield from _commands(command, (*prefix, name))
+        else:
+            yield [*prefix, name]
 
 
-@pytest.mark.parametrize("command", COMMANDS)
+COMMANDS = list(_commands())
+
+
+def test_every_designed_command_is_there():
+    assert {"train", "finetune", "caption", "classify", "retrieve", "prepare-coco", "convert"} <= {c[0] for c in COMMANDS}
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
 def test_help_shows_an_example(command, capsys):
-    assert run_cli(command, "--help") == 0
+    assert run_cli(*command, "--help") == 0
     out = capsys.readouterr().out
-    assert "Example" in out and f"coca {command}" in out
+    assert "Example" in out and f"coca {' '.join(command)}" in out
 
 
 def test_version(capsys):

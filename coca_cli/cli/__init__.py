@@ -2,17 +2,31 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
+import threading
 from typing import Optional
 
 import typer
 from rich.console import Console
 
 from .. import __version__
-from ..errors import CocaError
+from ..errors import CocaError, Terminated
+
+class _Commands(typer.core.TyperGroup):
+    """Ctrl-C inside a command becomes our one-line error; Typer would exit 130 without a word."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            raise CocaError("interrupted", exit_code=130) from None
+
 
 app = typer.Typer(
+    cls=_Commands,
     add_completion=False,
     no_args_is_help=True,
     rich_markup_mode=None,
@@ -89,10 +103,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     """Entry point: user errors become one line on stderr and an exit code, never a traceback."""
     command = typer.main.get_command(app)
     try:
-        result = command.main(args=argv, prog_name="coca", standalone_mode=False)
+        with _sigterm_as_interrupt():
+            result = command.main(args=argv, prog_name="coca", standalone_mode=False)
         return result if isinstance(result, int) else 0
     except CocaError as err:
         return _fail(str(err), err.exit_code)
+    except Terminated:
+        return _fail("terminated", 143)
     except KeyboardInterrupt:
         return _fail("interrupted", 130)
     except Exception as err:  # noqa: BLE001 - every failure gets one line; COCA_DEBUG shows the traceback
@@ -106,6 +123,28 @@ def main(argv: Optional[list[str]] = None) -> int:
         if isinstance(err, ValueError):  # invalid settings reported by the library
             return _fail(str(err), 2)
         return _fail(f"unexpected {type(err).__name__}: {err} (set COCA_DEBUG=1 for the traceback)", 1)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """Python dies on SIGTERM without unwinding; raising instead lets every command close its
+    output files (each result already flushed) and save indexes or checkpoints on the way out."""
+    pid = os.getpid()
+
+    def terminate(signum, frame):
+        if os.getpid() != pid:  # a forked data loader worker: die as SIGTERM's default would
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+        raise Terminated()
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _fail(message: str, code: int) -> int:

@@ -16,7 +16,8 @@ from . import err_console, pick_device, progress
 from .evaluate import eval_app
 from .options import (BatchSizeOption, CaptionPretrainedOption, DeviceOption, GenerationTypeOption, MinSeqLenOption,
                       ModelOption, NumBeamGroupsOption, NumBeamsOption, PrecisionOption, RepetitionPenaltyOption,
-                      SeedOption, SeqLenOption, TemperatureOption, TopKOption, TopPOption, WorkersOption)
+                      SeedOption, SeparatorOption, SeqLenOption, TemperatureOption, TopKOption, TopPOption,
+                      WorkersOption)
 
 
 def captions_command(
@@ -29,7 +30,7 @@ def captions_command(
                                           "image's caption, references and scores, to FILE as JSON."),
     img_key: str = typer.Option("filepath", "--img-key", help="Column holding the image paths."),
     caption_key: str = typer.Option("title", "--caption-key", help="Column holding the captions."),
-    separator: str = typer.Option("\\t", "--separator", help="Column separator, one character (\\t for tab)."),
+    separator: SeparatorOption = None,
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Only the first N images of --data."),
     java_metrics: bool = typer.Option(True, "--java-metrics/--no-java-metrics", help="METEOR and SPICE run "
                                       "pycocoevalcap's Java programs (when it and java are installed); "
@@ -64,7 +65,7 @@ def captions_command(
 
     if predictions is not None and (pretrained is not None or model is not None):
         raise CocaError("--predictions scores existing captions: drop --model/--pretrained")
-    references = read_references(data, img_key, caption_key, "\t" if separator in ("\\t", "tab") else separator)
+    references = read_references(data, img_key, caption_key, separator)
     references = references.first(limit)
     failed = 0
     generation = None

@@ -14,7 +14,7 @@ from rich.text import Text
 from . import app, err_console
 from .classify import embed_batches, fail_if_skipped, load_contrastive, require_features, with_defaults
 from .options import (BatchSizeOption, ContrastivePretrainedOption, DeviceOption, ModelOption, PrecisionOption,
-                      TemplatesOption, WorkersOption)
+                      SeparatorOption, TemplatesOption, WorkersOption)
 
 eval_app = typer.Typer(
     no_args_is_help=True,
@@ -71,7 +71,7 @@ def retrieval_command(
                               "captions; an image may have several rows."),
     img_key: str = typer.Option("filepath", "--img-key", help="Column holding the image paths."),
     caption_key: str = typer.Option("title", "--caption-key", help="Column holding the captions."),
-    separator: str = typer.Option("\\t", "--separator", help="Column separator, one character (\\t for tab)."),
+    separator: SeparatorOption = None,
     output: Optional[Path] = OutputOption,
     model: ModelOption = None,
     pretrained: ContrastivePretrainedOption = None,
@@ -90,7 +90,7 @@ def retrieval_command(
     """
     from ..retrieval import ImageFeatures, embed_texts, read_pairs, retrieval_recall
 
-    pairs = read_pairs(data, img_key, caption_key, "\t" if separator in ("\\t", "tab") else separator)
+    pairs = read_pairs(data, img_key, caption_key, separator)
     net, transform, tokenizer = load_contrastive(model, pretrained, device, precision)
     found = ImageFeatures.concat(embed_batches(net, transform, pairs.images, batch_size, workers))
     require_features(found, len(pairs.images))

@@ -18,6 +18,8 @@ DeviceOption = Annotated[str, typer.Option(help="auto (cuda, then mps, then cpu)
 PrecisionOption = Annotated[str, typer.Option(help="fp32, bf16 or fp16.")]
 BatchSizeOption = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per batch.")]
 WorkersOption = Annotated[int, typer.Option(min=0, help="Background processes decoding images.")]
+SeparatorOption = Annotated[Optional[str], typer.Option(
+    "--separator", help="Column separator, one character (\\t for tab) [default: ',' for .csv, tab otherwise].")]
 TemplatesOption = Annotated[str, typer.Option(
     help="Prompt templates: default ('a photo of a {}.'), imagenet (OpenAI's 80-prompt ensemble) "
          "or a UTF-8 file with one template a line, {} marking the class name.")]

@@ -83,9 +83,13 @@ def _images_for_texts(images, queries, index, top_k, model, pretrained, device, 
     net, transform, tokenizer = load_contrastive(model, pretrained, device, precision)
     store = ImageIndex(index or _default_index(images), model_fingerprint(net))
     skipped = 0
-    for batch in embed_batches(net, transform, store.stale(paths), batch_size, workers):
-        store.add(batch)
-        skipped += len(batch.failures)
+    try:
+        for batch in embed_batches(net, transform, store.stale(paths), batch_size, workers):
+            store.add(batch)
+            skipped += len(batch.failures)
+    except BaseException:  # Ctrl-C, SIGTERM or a crash: keep what was embedded, for the next run
+        _save(store)
+        raise
     found = store.lookup(paths)
     _save(store)
     require_features(found, len(paths))
