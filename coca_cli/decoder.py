@@ -7,6 +7,8 @@ vocabulary.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.utils.checkpoint
 from torch import nn
@@ -36,8 +38,12 @@ class MultimodalDecoder(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True):
         self.grad_checkpointing = enable
 
-    def forward(self, image_embs: torch.Tensor, text_embs: torch.Tensor) -> torch.Tensor:
-        """image_embs [B, N, width], text_embs [B, T, width] -> logits [B, T, vocab]."""
+    def forward(self, image_embs: torch.Tensor, text_embs: torch.Tensor,
+                positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """image_embs [B, N, width], text_embs [B, T, width] -> logits [B, T, vocab].
+
+        With ``positions`` ([B, T] bool) only those positions are projected: logits [P, vocab].
+        """
         mask = causal_mask(text_embs.shape[1], text_embs.device)
         x = text_embs
         for self_block, cross_block in zip(self.resblocks, self.cross_attn):
@@ -47,6 +53,8 @@ class MultimodalDecoder(nn.Module):
             else:
                 x = self_block(x, mask)
                 x = cross_block(x, context=image_embs)
+        if positions is not None:
+            x = x[positions]  # [P, width]
         return self.ln_final(x) @ self.text_projection
 
     # -- incremental decoding -------------------------------------------------------------

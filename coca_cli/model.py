@@ -98,7 +98,17 @@ class CoCa(nn.Module):
         image_latent: Optional[torch.Tensor] = None,
         image_embs: Optional[torch.Tensor] = None,
         output_labels: bool = True,
+        *,
+        caption_tokens_only: bool = False,
     ) -> dict:
+        """open_clip's outputs: features, ``logits`` [B, T-1, vocab] and ``labels`` [B, T-1].
+
+        ``caption_tokens_only`` (training): logits only where the label is a caption token (not
+        padding), as [1, P, vocab] with labels [1, P]. The caption loss is the same, but the
+        decoder runs only up to the longest caption and the vocabulary projection only on the
+        P tokens (captions average ~11 of 76 positions). The text features are unchanged: the
+        text encoder still sees the padded sequence, its CLS token comes after the padding.
+        """
         if image_latent is None or image_embs is None:
             image_latent, image_embs = self._encode_image(image)
         if text is None:
@@ -108,10 +118,19 @@ class CoCa(nn.Module):
         labels = text[:, 1:] if output_labels else None
         if output_labels:
             token_embs = token_embs[:, :-1]  # position t predicts token t+1 (teacher forcing)
+        if caption_tokens_only and labels is not None:
+            caption = labels != self.pad_id  # [B, T]
+            order = torch.arange(1, caption.shape[1] + 1, device=caption.device)
+            longest = max(int((caption * order).max()), 1)  # causal: later positions change nothing before
+            caption = caption[:, :longest]
+            logits = self.text_decoder(image_embs, token_embs[:, :longest], positions=caption)[None]
+            labels = labels[:, :longest][caption][None]
+        else:
+            logits = self.text_decoder(image_embs, token_embs)
         out = {
             "image_features": image_latent,
             "text_features": text_latent,
-            "logits": self.text_decoder(image_embs, token_embs),
+            "logits": logits,
             "logit_scale": self.logit_scale.exp(),
         }
         if labels is not None:

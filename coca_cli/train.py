@@ -559,7 +559,7 @@ class Trainer:
         cached = None
         if len(micro) > 1 and self.cfg.coca_contrastive_loss_weight:
             with torch.no_grad(), self.autocast():
-                outs = [self.model(i, t) for i, t in zip(images, texts)]
+                outs = [self.model(i, t, caption_tokens_only=True) for i, t in zip(images, texts)]
                 cached = ([o["image_features"] for o in outs], [o["text_features"] for o in outs])
         self.optimizer.zero_grad(set_to_none=True)
         result = {"contrastive_loss": 0.0, "caption_loss": 0.0, "nonfinite": False, "stop": False, "skipped": 0}
@@ -568,7 +568,7 @@ class Trainer:
             last = j == len(micro) - 1
             with contextlib.nullcontext() if (last or self.ddp is None) else self.ddp.no_sync():
                 with self.autocast():
-                    out = net(image, text)
+                    out = net(image, text, caption_tokens_only=True)
                     image_features, text_features = out["image_features"], out["text_features"]
                     if cached is not None:
                         image_features = torch.cat([*cached[0][:j], image_features, *cached[0][j + 1:]])
@@ -680,7 +680,7 @@ class Trainer:
             images = batch.images.to(self.device, self.input_dtype)
             texts = batch.texts.to(self.device)
             with self.autocast():
-                out = model(images, texts)
+                out = model(images, texts, caption_tokens_only=True)
             labels = out["labels"]
             caption_sum += F.cross_entropy(out["logits"].float().permute(0, 2, 1), labels,
                                            ignore_index=model.pad_id, reduction="sum").item()

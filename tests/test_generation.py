@@ -15,6 +15,7 @@ import torch
 import open_clip  # reference implementation (test extra)
 from transformers import MaxLengthCriteria
 
+from benchmarks.bench import randomize_
 from coca_cli import generation
 from coca_cli.config import get_model_config
 from coca_cli.model import CoCa
@@ -29,25 +30,13 @@ SOT, EOS = 49406, 49407
 # --------------------------------------------------------------------------- #
 
 def _randomize_(model: torch.nn.Module, seed: int, eos_offset: float = 0.0, bang_offset: float = 0.0):
-    """Re-draw every parameter from a seeded normal so that logits are far from degenerate.
+    """The benchmark's seeded random weights (logits far from degenerate), then offsets.
 
-    (open_clip leaves ``text_decoder.text_projection`` uninitialised.) ``eos_offset`` and
-    ``bang_offset`` raise the average logit of eos / of token 0 ("!", also the pad id) so
-    that captions end early, exercising the finishing paths.
+    ``eos_offset`` and ``bang_offset`` raise the average logit of eos / of token 0 ("!", also
+    the pad id) so that captions end early, exercising the finishing paths.
     """
-    g = torch.Generator().manual_seed(seed)
+    randomize_(model, seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1 and name.endswith("weight"):  # norm scales
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
-            elif p.ndim <= 1:
-                p.copy_(0.05 * torch.randn(p.shape, generator=g))
-            elif name == "text_decoder.text_projection":
-                p.copy_(0.5 * torch.randn(p.shape, generator=g))
-            elif any(k in name for k in ("positional", "cls", "class", "token_embedding")):
-                p.copy_(0.5 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(p.shape[-1] ** -0.5 * torch.randn(p.shape, generator=g))
         # the final LayerNorm's bias is the mean of its output: moving a column of the vocab
         # projection along it shifts that token's logit by about the offset
         beta = model.text_decoder.ln_final.bias

@@ -147,3 +147,34 @@ def test_distributed_losses_and_gradients_equal_open_clip():
         for p in procs:
             p.join(timeout=60)
     assert results == {0: [], 1: []}
+
+
+def test_caption_tokens_only_gives_the_same_loss_and_gradients():
+    """Training's trimmed decoder (up to the longest caption, projection at caption tokens only)
+    against the full [B, T, vocab] logits, on captions of different lengths."""
+    from coca_cli.config import get_model_config
+    from coca_cli.model import CoCa
+    from coca_cli.tokenizer import tokenize
+
+    torch.manual_seed(0)
+    model = CoCa.from_config(get_model_config("coca_tiny"))
+    images = torch.randn(4, 3, 64, 64)
+    texts = tokenize(["a dog", "a red car parked on a street at night", "wow a cat", "x " * 20], context_length=32)
+    texts[2, 2] = 0  # id 0 decodes to '!' but is also the pad id: never a label, in both paths
+    loss_fn = CoCaLoss(2.0, 1.0, pad_id=model.pad_id)
+    results = []
+    for trimmed in (False, True):
+        model.zero_grad()
+        out = model(images, texts, caption_tokens_only=trimmed)
+        losses = loss_fn(out["image_features"], out["text_features"], out["logits"], out["labels"],
+                         out["logit_scale"], output_dict=True)
+        sum(losses.values()).backward()
+        results.append((losses, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (full, full_grads), (trim, trim_grads) = results
+    assert full_grads.keys() == trim_grads.keys()
+    for key in full:
+        assert torch.allclose(full[key], trim[key], rtol=1e-5, atol=1e-6), key
+    for name, grad in full_grads.items():
+        assert torch.allclose(grad, trim_grads[name], rtol=1e-4, atol=1e-6), name
+    out = model(images, texts, caption_tokens_only=True)
+    assert out["logits"].shape[:2] == out["labels"].shape == (1, int((texts[:, 1:] != 0).sum()))
