@@ -1,6 +1,6 @@
 """coca_cli against open_clip 3.3.0, side by side in one run on the same random weights.
 
-    python benchmarks/bench.py                        # CPU: generate (B-32, 2 images) and train (B-32, batch 8)
+    python benchmarks/bench.py                        # CPU: generate (B-32, 2 images), train (B-32, batch 8), loader
     python benchmarks/bench.py --device cuda          # issue 6's H100 cases, bf16 autocast
     python benchmarks/bench.py --task train --model coca_ViT-L-14 --batch 128 --device cuda --json-out r.jsonl
 
@@ -15,6 +15,10 @@ open_clip's model, loss and ``torch.optim.AdamW``; ours with ``caption_tokens_on
 ``coca_cli.train.make_optimizer`` (fused AdamW). Both start from the same weights and see the
 same batches, so their loss curves are compared too (max relative difference).
 
+loader: ``coca train``'s webdataset loader on real JPEGs (COCO-sized crops of scikit-image's
+photos) with the training augmentation: decoded samples/s in all and per worker. ``coca
+train`` logs ``data_wait``, the share of time the loop waited for batches, to show it keeps up.
+
 Both models get identical weights (open_clip's is re-randomised with a seeded normal, then
 copied into ours with ``load_state_dict(strict=True)``). Needs open_clip and transformers
 (``pip install '.[test]'``).
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -215,6 +220,61 @@ def bench_train(model_name: str, device: torch.device, batch: int, dtype: str, w
     }
 
 
+# -- loader ------------------------------------------------------------------------------------
+
+def photo_shards(folder: Path, samples: int, per_shard: int = 64, seed: int = 0) -> str:
+    """Webdataset shards of real JPEG photos, as a training loader decodes them: scikit-image's
+    sample photos cropped and resized to COCO-like sizes (480-640 x 360-480), quality 90."""
+    import io
+    import random
+
+    import webdataset as wds
+    from PIL import Image
+    from skimage import data
+
+    photos = [Image.fromarray(getattr(data, name)()).convert("RGB")
+              for name in ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field")]
+    rng = random.Random(seed)
+    shards = (samples + per_shard - 1) // per_shard
+    for shard in range(shards):
+        with wds.TarWriter(str(folder / f"photos-{shard:04d}.tar")) as sink:
+            for i in range(per_shard):
+                photo = rng.choice(photos)
+                left, top = rng.randint(0, photo.width // 4), rng.randint(0, photo.height // 4)
+                crop = photo.crop((left, top, photo.width - rng.randint(0, photo.width // 4),
+                                   photo.height - rng.randint(0, photo.height // 4)))
+                buf = io.BytesIO()
+                crop.resize((rng.randint(480, 640), rng.randint(360, 480))).save(buf, "JPEG", quality=90)
+                sink.write({"__key__": f"{shard:04d}-{i:04d}", "jpg": buf.getvalue(), "txt": "a photo"})
+    return str(folder / f"photos-{{0000..{shards - 1:04d}}}.tar")
+
+
+def bench_loader(workers: int, batch: int, samples: int, size: int = 224) -> dict:
+    """Decoded, augmented samples/s of ``coca train``'s shard loader (TrainData) with ``workers``."""
+    import tempfile
+    from functools import partial
+
+    from coca_cli.data import DataConfig, TrainData
+    from coca_cli.tokenizer import tokenize
+    from coca_cli.transforms import image_transform
+
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = photo_shards(Path(tmp), samples)
+        cfg = DataConfig(spec, workers=workers, batch_size=batch, num_samples=samples, shuffle_buffer=batch)
+        data = TrainData(cfg, image_transform(size, is_train=True), partial(tokenize, context_length=77))
+        batches = data.epoch(0)
+        next(batches)  # warm-up: workers started and filling
+        start, count = time.perf_counter(), 0
+        for b in batches:
+            count += len(b.images)
+        seconds = time.perf_counter() - start
+        batches.close()
+    rate = count / seconds
+    return {"task": "loader", "model": "-", "device": "cpu", "batch": batch, "dtype": "-", "workers": workers,
+            "samples": count, "ours_per_s": rate, "per_worker_per_s": rate / max(workers, 1), "ok": True,
+            "check": f"{workers} workers: {rate / max(workers, 1):.0f} samples/s each"}
+
+
 # -- main --------------------------------------------------------------------------------------
 
 def default_cases(device: torch.device, tasks: list[str]) -> list[tuple[str, str, int]]:
@@ -235,7 +295,8 @@ def _memory(r: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--task", default="generate,train", help="generate, train or both (comma separated)")
+    parser.add_argument("--task", default="generate,train,loader",
+                        help="generate, train, loader, comma separated (default: all three)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     parser.add_argument("--model", default=None, help="one model for every task (default: the standard cases)")
     parser.add_argument("--batch", type=int, default=None, help="batch size (default: the standard cases')")
@@ -246,6 +307,9 @@ def main(argv=None) -> int:
     parser.add_argument("--ref-repeats", type=int, default=None, help="generate: timed runs of open_clip")
     parser.add_argument("--warmup", type=int, default=None, help="train: untimed steps (default: 5 CUDA, 2 CPU)")
     parser.add_argument("--steps", type=int, default=None, help="train: timed steps (default: 20 CUDA, 5 CPU)")
+    parser.add_argument("--loader-workers", default=None,
+                        help="loader: worker counts to try, comma separated (default: 1 and all CPUs up to 8)")
+    parser.add_argument("--loader-samples", type=int, default=512, help="loader: JPEGs decoded per worker count")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--json-out", default=None, help="append one JSON line of results to this file")
     args = parser.parse_args(argv)
@@ -256,8 +320,8 @@ def main(argv=None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("CUDA is not available")
     tasks = [t.strip() for t in args.task.split(",") if t.strip()]
-    if not tasks or set(tasks) - {"generate", "train"}:
-        parser.error("--task takes generate, train or both")
+    if not tasks or set(tasks) - {"generate", "train", "loader"}:
+        parser.error("--task takes generate, train and/or loader")
     cuda = device.type == "cuda"
     dtype = args.dtype or ("bfloat16" if cuda else "float32")
     seq_len = args.seq_len or (30 if cuda else 20)
@@ -273,7 +337,17 @@ def main(argv=None) -> int:
     print(header)
     print("-" * len(header))
     results = []
+    if "loader" in tasks:
+        default_workers = sorted({1, min(8, os.cpu_count() or 1)})
+        counts = [int(w) for w in args.loader_workers.split(",")] if args.loader_workers else default_workers
+        cases += [("loader", w, args.batch or 64) for w in counts]
     for task, name, batch in cases:
+        if task == "loader":
+            r = bench_loader(name, batch, args.loader_samples)
+            results.append(r)
+            print(f"{task:<9}{'-':<15}{'cpu':<7}{batch:>6}  {'-':<9}{r['ours_per_s']:>9.1f}{'-':>12}{'-':>8}  "
+                  f"{'-':<17}{r['check']}", flush=True)
+            continue
         if task == "generate":
             r = bench_generate(name, device, batch, seq_len, dtype, args.repeats, args.ref_repeats or args.repeats)
         else:

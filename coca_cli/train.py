@@ -753,12 +753,14 @@ class Trainer:
 
     def _loop(self, epoch, in_epoch, data_state, stop, metrics, progress, global_batch):
         cfg, spe = self.cfg, self.data.steps_per_epoch
-        window_start, window_samples, rate = time.perf_counter(), 0, ""
+        window_start, window_samples, data_wait, rate = time.perf_counter(), 0, 0.0, ""
         while epoch < cfg.epochs:
             batches = self.data.epoch(epoch, in_epoch, data_state)
             data_state = None
             while in_epoch < spe:
+                fetch = time.perf_counter()
                 micro = [next(batches) for _ in range(cfg.accum_freq)]
+                data_wait += time.perf_counter() - fetch  # a starved loop waits here
                 for b in micro:
                     self.skipped.update(b.skipped)
                 lr = cosine_lr(self.step, cfg.lr, cfg.warmup, self.total_steps)
@@ -786,13 +788,14 @@ class Trainer:
                               "contrastive_loss": result["contrastive_loss"], "caption_loss": result["caption_loss"],
                               "loss": result["contrastive_loss"] + result["caption_loss"],
                               "samples_per_s": window_samples / max(elapsed, 1e-9),
+                              "data_wait": data_wait / max(elapsed, 1e-9),
                               "samples": self.step * global_batch, "skipped": self.skipped_total}
                     if self.nonfinite_skipped:
                         record["nonfinite_skipped"] = self.nonfinite_skipped
                     metrics.log(record)
-                    window_start, window_samples = time.perf_counter(), 0
+                    window_start, window_samples, data_wait = time.perf_counter(), 0, 0.0
                 if record is not None:
-                    rate = f"  {record['samples_per_s']:.1f} samples/s"
+                    rate = f"  {record['samples_per_s']:.1f} samples/s  data wait {record['data_wait']:.0%}"
                 progress.update(self.step, record, f"epoch {epoch}  contrastive {result['contrastive_loss']:.4f}  "
                                 f"caption {result['caption_loss']:.4f}  lr {lr:.3g}{rate}")
                 if result["stop"]:

@@ -194,6 +194,7 @@ def test_webdataset_shards_skip_and_count_broken_samples(shards, tmp_path, capsy
     assert int(match[1]) >= 1 and int(match[2]) >= 1
     assert rows[-1]["skipped"] == int(match[1]) + int(match[2])
     assert all(np.isfinite(r["contrastive_loss"]) and np.isfinite(r["caption_loss"]) for r in rows)
+    assert all(0 <= r["data_wait"] <= 1 for r in rows)  # share of the time spent waiting for batches
 
 
 def test_resampled_shards_and_shard_validation(shards, tmp_path):
