@@ -137,7 +137,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
 
 # -- writing ---------------------------------------------------------------------------------
 
-def _atomic_write(target: Path, write) -> None:
+def atomic_write(target: Path, write) -> None:
     """Write through a temporary file in the same folder, then rename: never a half file."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
@@ -165,9 +165,9 @@ def save_native(model: nn.Module, config: CoCaConfig, output: str | os.PathLike)
     """``DIR/model.safetensors`` + ``DIR/config.json``: what every ``--pretrained`` accepts."""
     out = Path(output)
     state = _contiguous(model.state_dict())
-    _atomic_write(out / NATIVE_WEIGHTS, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    atomic_write(out / NATIVE_WEIGHTS, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     text = json.dumps(config.to_dict(), indent=2) + "\n"
-    _atomic_write(out / NATIVE_CONFIG, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    atomic_write(out / NATIVE_CONFIG, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return out
 
 
@@ -175,7 +175,7 @@ def save_openclip(model: nn.Module, config: CoCaConfig, output: str | os.PathLik
     """open_clip's hub layout, loadable by ``open_clip.create_model('local-dir:DIR')`` or strictly."""
     out = Path(output)
     state = _contiguous(model.state_dict())
-    _atomic_write(out / OPENCLIP_WEIGHTS, lambda tmp: torch.save(state, tmp))
+    atomic_write(out / OPENCLIP_WEIGHTS, lambda tmp: torch.save(state, tmp))
     text = json.dumps({"model_cfg": config.to_dict(), "preprocess_cfg": preprocess}, indent=2) + "\n"
-    _atomic_write(out / OPENCLIP_CONFIG, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    atomic_write(out / OPENCLIP_CONFIG, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return out

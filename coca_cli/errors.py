@@ -22,13 +22,15 @@ class Terminated(BaseException):
 
 
 @contextlib.contextmanager
-def reading(path):
-    """Report the ways reading a text file fails (missing, not UTF-8, unreadable) as one line."""
+def reading(path, what: str = ""):
+    """Report the ways reading a text file fails (missing, not UTF-8, unreadable) as one line;
+    ``what`` names the file's role in the messages ("labels file")."""
+    named = f"{what} {path}" if what else str(path)
     try:
         yield
     except FileNotFoundError:
-        raise CocaError(f"no such file: {path}") from None
+        raise CocaError(f"no such {what or 'file'}: {path}") from None
     except UnicodeDecodeError as err:
-        raise CocaError(f"{path} is not UTF-8 text (byte {err.start})") from None
+        raise CocaError(f"{named} is not UTF-8 text (byte {err.start})") from None
     except OSError as err:
-        raise CocaError(f"cannot read {path}: {err.strerror or err}") from None
+        raise CocaError(f"cannot read {named}: {err.strerror or err}") from None

@@ -19,7 +19,7 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import _atomic_write
+from .checkpoint import atomic_write
 from .data import column_separator
 from .errors import CocaError, reading
 from .images import iter_batches
@@ -197,7 +197,7 @@ class ImageIndex:
             "mtimes": [self.entries[k][0][1] for k in keys],
             "features": torch.stack([self.entries[k][1] for k in keys]) if keys else torch.empty(0),
         }
-        _atomic_write(self.path, lambda tmp: torch.save(data, tmp))
+        atomic_write(self.path, lambda tmp: torch.save(data, tmp))
         self._changed = False
 
 

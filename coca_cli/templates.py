@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from .errors import CocaError
+from .errors import CocaError, reading
 
 DEFAULT_TEMPLATE = "a photo of a {}."
 
@@ -132,14 +132,8 @@ def _check_template(template: str, source: Path) -> None:
 
 def read_lines(path: Path, what: str) -> list[str]:
     """Stripped non-blank lines of a UTF-8 text file (labels, templates, captions)."""
-    try:
+    with reading(path, what):
         text = Path(path).expanduser().read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise CocaError(f"{what} not found: {path}") from None
-    except UnicodeDecodeError as err:
-        raise CocaError(f"{what} {path} is not UTF-8 text (byte {err.start})") from None
-    except OSError as err:
-        raise CocaError(f"cannot read {what} {path}: {err.strerror or err}") from None
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if not lines:
         raise CocaError(f"{what} {path} is empty")

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed as D
-from .checkpoint import _atomic_write, save_native
+from .checkpoint import atomic_write, save_native
 from .data import Batch, DataConfig, TrainData, describe_skipped, eval_batches
 from .errors import CocaError
 from .loss import CoCaLoss
@@ -288,7 +288,7 @@ def find_checkpoint(resume: str, output: str | Path) -> Optional[Path]:
 def save_checkpoint(path: Path, state: dict) -> None:
     """Written to a temporary file and renamed: a crash never leaves a half-written checkpoint."""
     try:
-        _atomic_write(path, lambda tmp: torch.save(state, tmp))
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
     except OSError as err:
         raise CocaError(f"cannot write checkpoint {path}: {err}", exit_code=1) from None
 
@@ -373,7 +373,7 @@ class Metrics:
             except ValueError:
                 continue  # a line cut off by the kill
         text = "".join(line + "\n" for line in kept)
-        _atomic_write(self.path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        atomic_write(self.path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
     def log(self, record: dict) -> None:
         if not self.enabled:
@@ -729,7 +729,7 @@ class Trainer:
         if world.is_master:
             self.output.mkdir(parents=True, exist_ok=True)
             text = json.dumps(dataclasses.asdict(cfg), indent=2) + "\n"
-            _atomic_write(self.output / "train_config.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+            atomic_write(self.output / "train_config.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
         metrics = Metrics(self.output, cfg, world.is_master, self.step if resume_from else None)
         progress = Progress(self.console, self.total_steps, world.is_master)
         global_batch = cfg.batch_size * world.world_size * cfg.accum_freq

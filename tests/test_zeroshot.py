@@ -144,7 +144,7 @@ def test_unreadable_image_is_reported_and_the_rest_classified(tiny, photo_dir, t
     (["--labels", "cat,dog,cat"], "duplicate label 'cat'"),
     ([], "no labels"),
     (["--labels", "cat", "--labels-file", "x.txt"], "not both"),
-    (["--labels-file", "no-such-labels.txt"], "labels file not found"),
+    (["--labels-file", "no-such-labels.txt"], "no such labels file"),
     (["--labels", "cat", "--templates", "no-such-set"], "unknown templates 'no-such-set'"),
 ])
 def test_bad_labels_are_one_line(tiny, args, message, capsys):
