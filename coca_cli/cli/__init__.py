@@ -15,6 +15,7 @@ from rich.console import Console
 from .. import __version__
 from ..errors import CocaError, Terminated
 
+
 class _Commands(typer.core.TyperGroup):
     """Ctrl-C inside a command becomes our one-line error; Typer would exit 130 without a word."""
 
