@@ -179,6 +179,14 @@ def failing_on(sample: str):
         raise CocaError(f"failed on {sample}: {type(err).__name__}: {err}", exit_code=1) from None
 
 
+def image_of(sample: dict) -> bytes:
+    """The encoded image of a shard sample, under the first of IMAGE_KEYS it has."""
+    key = next((k for k in IMAGE_KEYS if k in sample), None)
+    if key is None:
+        raise SkipSample("no image")
+    return sample[key]
+
+
 def caption_of(sample: dict) -> str:
     for key in CAPTION_KEYS:
         if key not in sample:
@@ -440,11 +448,9 @@ class ShardStream(IterableDataset):
                 continue
             try:
                 caption = caption_of(sample)
-                key = next((k for k in IMAGE_KEYS if k in sample), None)
-                if key is None:
-                    raise SkipSample("no image")
+                data = image_of(sample)
                 with failing_on(f"sample {sample['__key__']} of {sample['__url__']}"):
-                    image = seeded(self.transform, decode_image(sample[key]),
+                    image = seeded(self.transform, decode_image(data),
                                    sample_seed(self.cfg.seed, self.epoch, self.restart, role, raw))
             except SkipSample as why:
                 problems[str(why)] += 1
@@ -558,10 +564,7 @@ def eval_batches(spec: str, cfg: DataConfig, transform: Callable, tokenizer, lim
                 break
             try:
                 caption = caption_of(sample)
-                key = next((k for k in IMAGE_KEYS if k in sample), None)
-                if key is None:
-                    raise SkipSample("no image")
-                images.append(transform(decode_image(sample[key])))
+                images.append(transform(decode_image(image_of(sample))))
                 texts.append(caption)
                 taken += 1
             except SkipSample as why:

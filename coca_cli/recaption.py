@@ -15,10 +15,8 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from .data import SkipSample, decode_image, failing_on, tar_samples
+from .data import SkipSample, decode_image, failing_on, image_of, tar_samples
 from .tokenizer import decode
-
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 
 
 def shard_output(output: Path, shard: str) -> Path:
@@ -40,12 +38,9 @@ class ShardReport:
 
 def _images(shard: str, transform: Callable, skipped: Counter) -> Iterator[tuple[str, torch.Tensor]]:
     for sample in tar_samples(shard, skipped):
-        data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
-        if data is None:
-            skipped["no image"] += 1
-            continue
         try:
-            with failing_on(f"sample {sample['__key__']} of {shard}"):
+            data = image_of(sample)
+            with failing_on(f"sample {sample['__key__']} of {sample['__url__']}"):
                 image = transform(decode_image(data))
         except SkipSample as reason:
             skipped[str(reason)] += 1
