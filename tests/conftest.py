@@ -120,6 +120,11 @@ def reference_probs(ref, paths, classnames, templates) -> torch.Tensor:
     return logits.softmax(dim=-1)
 
 
+def subprocess_env() -> dict:
+    """The environment for running `python -m coca_cli` from a test: this checkout first on the path."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+
+
 def one_error_line(capsys) -> str:
     err = capsys.readouterr().err
     assert err.startswith("coca: error: ") and err.count("\n") == 1, err

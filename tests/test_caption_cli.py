@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from conftest import PHOTOS, ROOT, run_cli
+from conftest import PHOTOS, run_cli, subprocess_env
 FAST = ["--seq-len", "8", "--min-seq-len", "2", "--num-beams", "2", "--num-beam-groups", "1"]
 
 
@@ -174,7 +174,6 @@ def test_shards_get_one_output_each_and_are_resumed(native, tmp_path, capsys):
 
 
 def test_shards_split_over_two_processes_through_torchrun(native, tmp_path):
-    import os
     import subprocess
     import sys
 
@@ -184,7 +183,7 @@ def test_shards_split_over_two_processes_through_torchrun(native, tmp_path):
     result = subprocess.run([sys.executable, "-m", "coca_cli", "caption", "--data", str(shards), "--output", str(double),
                              "--pretrained", native, *FAST, "--gpus", "2", "--device", "cpu"],
                             capture_output=True, text=True, cwd=tmp_path, timeout=300,
-                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+                            env=subprocess_env())
     assert result.returncode == 0, result.stderr[-2000:]
     assert _shard_captions(double) == _shard_captions(single)
 

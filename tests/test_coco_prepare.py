@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import run_cli
+from conftest import one_error_line, run_cli
 
 # image id -> its five captions; a few carry tabs, newlines, quotes and padding
 CAPTIONS = {
@@ -76,12 +76,6 @@ def make_coco(root: Path, year: str = "2014", images: bool = True, karpathy: boo
 def read_tsv(path: Path) -> list[dict]:
     with open(path, encoding="utf-8", newline="") as f:
         return list(csv.DictReader(f, delimiter="\t"))
-
-
-def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("coca: error: "), err
-    return err
 
 
 def error_line(capsys) -> str:

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from conftest import run_cli
+from conftest import one_error_line, run_cli
 from test_coco_prepare import CAPTIONS, make_coco, read_tsv
 
 FAST = ["--seq-len", "8", "--min-seq-len", "2", "--num-beams", "2", "--num-beam-groups", "1"]
@@ -26,12 +26,6 @@ def refs(tmp_path):
 def write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
-
-
-def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("coca: error: "), err
-    return err
 
 
 def test_scores_existing_captions_by_hand(refs, tmp_path, capsys):

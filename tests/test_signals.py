@@ -2,7 +2,6 @@
 no traceback, and every result produced before the signal kept whole (and resumable)."""
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -12,7 +11,7 @@ import time
 import pytest
 from PIL import Image
 
-from conftest import ROOT, run_cli
+from conftest import run_cli, subprocess_env
 
 FAST_CAPTION = ["--seq-len", "6", "--min-seq-len", "2", "--num-beams", "2", "--num-beam-groups", "1"]
 CODES = {signal.SIGINT: (130, "coca: error: interrupted"), signal.SIGTERM: (143, "coca: error: terminated")}
@@ -28,9 +27,8 @@ def many_photos(tmp_path_factory):
 
 
 def _start(*args):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
     return subprocess.Popen([sys.executable, "-m", "coca_cli", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+                            stderr=subprocess.PIPE, text=True, env=subprocess_env())
 
 
 def _wait_for(condition, proc, timeout=120):

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_cli
+from conftest import run_cli, subprocess_env
 
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 FAST = ["--model", "coca_tiny", "--workers", "0", "--precision", "fp32", "--lr", "1e-3", "--warmup", "1",
@@ -69,10 +69,6 @@ def assert_same_weights(a: dict, b: dict, atol: float = 1e-6):
     assert a.keys() == b.keys()
     worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
     assert worst <= atol, f"weights differ by {worst}"
-
-
-def subprocess_env() -> dict:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 
 
 # -- help and usage errors --------------------------------------------------------------------------
