@@ -1,4 +1,4 @@
-"""Hugging Face text tower for ``coca_roberta-ViT-B-32`` (optional: ``pip install 'coca[hf]'``).
+"""Hugging Face text tower for ``coca_roberta-ViT-B-32`` (optional: ``pip install 'coca-cli[hf]'``).
 
 Layout matches open_clip's ``HFTextEncoder`` (``text.transformer.*``, ``text.proj``) so its
 checkpoints convert unchanged. Only this config needs it; everything else is plain PyTorch.
@@ -18,7 +18,7 @@ def _transformers():
         import transformers
     except ImportError:
         raise CocaError("this model needs a Hugging Face text tower: install the extra with "
-                        "pip install 'coca[hf]'") from None
+                        "pip install 'coca-cli[hf]'") from None
     return transformers
 
 

@@ -85,26 +85,29 @@ def download(repo: str, cache_dir: Optional[str] = None) -> Path:
 
 
 def _first_available(repo: str, filenames, cache_dir, required: bool = True) -> Optional[Path]:
-    """The first of ``filenames`` the repository has, downloaded (or found in the cache)."""
-    import requests
+    """The first of ``filenames`` the repository has, downloaded (or found in the cache).
+
+    Only huggingface_hub's own exceptions are named: its transport library (requests in 0.x,
+    httpx later) is not our dependency and changes between versions. A file the hub says it
+    lacks (404) moves on to the next candidate; any other failure to fetch means the hub
+    cannot be used.
+    """
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError, OfflineModeIsEnabled
 
     not_cached = None
     for filename in filenames:
         try:
             return Path(hf_hub_download(repo, filename, cache_dir=cache_dir))
         except LocalEntryNotFoundError as err:  # not in the cache, and the hub was not asked or not reached
-            if isinstance(err.__cause__, requests.exceptions.RequestException):
+            if err.__cause__ is not None and not isinstance(err.__cause__, OfflineModeIsEnabled):
                 raise _offline(repo, err.__cause__) from None
             not_cached = err  # offline mode: another candidate may be cached
         except EntryNotFoundError:
             continue
-        except HfHubHTTPError as err:
-            if getattr(err.response, "status_code", None) != 404:
+        except Exception as err:  # noqa: BLE001 - transport errors have no common base across versions
+            if getattr(getattr(err, "response", None), "status_code", None) != 404:
                 raise _offline(repo, err) from None
-        except (requests.exceptions.RequestException, OSError) as err:
-            raise _offline(repo, err) from None
     if not required:
         return None
     if not_cached is not None:
@@ -131,3 +134,16 @@ def _offline(repo: str, err: Exception) -> CocaError:
         f"({type(err).__name__}); download {OPENCLIP_WEIGHTS} from https://huggingface.co/{repo} "
         f"and pass it with --pretrained PATH"
     )
+
+
+def cached_weights(repo: str, cache_dir: Optional[str] = None) -> Optional[Path]:
+    """The repository's weights file when already in the local Hugging Face cache, else None;
+    never touches the network (``coca models`` shows what would need a download)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cache_dir = cache_dir or os.environ.get("COCA_CACHE_DIR")
+    for filename in (OPENCLIP_SAFE_WEIGHTS, OPENCLIP_WEIGHTS):
+        found = try_to_load_from_cache(repo, filename, cache_dir=cache_dir)
+        if isinstance(found, str):  # otherwise None, or a marker that the repository lacks the file
+            return Path(found)
+    return None

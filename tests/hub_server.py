@@ -2,11 +2,13 @@
 
 It answers ``/{org}/{repo}/resolve/{revision}/{filename}`` the way huggingface_hub expects
 (commit and ETag headers, 404 with an error code for missing files) and counts requests.
+Files are hashed once and streamed, so serving a full-size model stays cheap.
 """
 
 from __future__ import annotations
 
 import hashlib
+import shutil
 import threading
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -19,6 +21,7 @@ class HubServer:
     def __init__(self, files: dict[str, Path]):
         self.files = files  # "org/repo/filename" -> local file
         self.requests: Counter = Counter()
+        self.etags: dict[Path, str] = {}
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -40,14 +43,14 @@ class HubServer:
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
-                data = local.read_bytes()
                 self.send_response(200)
                 self.send_header("X-Repo-Commit", COMMIT)
-                self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
-                self.send_header("Content-Length", str(len(data)))
+                self.send_header("ETag", f'"{server.etag(local)}"')
+                self.send_header("Content-Length", str(local.stat().st_size))
                 self.end_headers()
                 if body:
-                    self.wfile.write(data)
+                    with open(local, "rb") as f:
+                        shutil.copyfileobj(f, self.wfile, 1 << 20)
 
             def do_HEAD(self):
                 self._serve(body=False)
@@ -66,6 +69,16 @@ class HubServer:
     def __exit__(self, *exc):
         self.httpd.shutdown()
         self.httpd.server_close()
+
+    def etag(self, path: Path) -> str:
+        """The file's sha256, computed on its first request."""
+        if path not in self.etags:
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
+            self.etags[path] = digest.hexdigest()
+        return self.etags[path]
 
     def downloads(self, filename: str) -> int:
         return sum(n for (method, key), n in self.requests.items() if method == "GET" and key.endswith(filename))

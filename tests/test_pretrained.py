@@ -31,7 +31,7 @@ def test_published_names_match_openclip():
 
 def _coca(args, env, cwd=ROOT):
     return subprocess.run([sys.executable, "-m", "coca_cli", *map(str, args)], env=env, cwd=cwd,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=1800)
 
 
 @pytest.fixture
