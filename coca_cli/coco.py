@@ -11,7 +11,8 @@ What a COCO folder may hold (``root``):
 
 :func:`prepare_coco` writes one tab-separated file per split with columns ``filepath`` and
 ``title`` (one row per caption, the format open_clip's ``--csv-separator $'\\t'`` reads) and
-optionally webdataset shards; :func:`fetch_coco` downloads and extracts the official archives.
+optionally webdataset shards, one folder per split with a ``sizes.json`` (ready for ``coca train
+--data``); :func:`fetch_coco` downloads and extracts the official archives.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import tarfile
 import tempfile
@@ -38,6 +40,7 @@ SPLIT_STYLES = ("auto", "karpathy", "official")
 KARPATHY_SPLITS = ("train", "val", "test")  # train = Karpathy's "train" + "restval"
 OFFICIAL_SPLITS = ("train", "val")
 TSV_COLUMNS = ("filepath", "title")
+SIZES_FILE = "sizes.json"  # shard name -> samples, beside the shards (webdataset/img2dataset convention)
 
 ProgressFn = Callable[[str, int, Optional[int]], None]  # (label, done, total or None)
 
@@ -237,40 +240,67 @@ class SplitReport:
     shards: list[Path] = field(default_factory=list)
 
 
-def write_tsv(rows: list[tuple[str, str]], path: Path) -> None:
-    """``filepath<TAB>title`` with a header; written to a temporary file, then renamed."""
-    import pandas as pd
-
+def _write_then_rename(path: Path, write: Callable[[Path], None]) -> None:
+    """``write`` fills a temporary file beside ``path``, then it is renamed: a file under its
+    final name is always complete."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    pd.DataFrame(rows, columns=list(TSV_COLUMNS)).to_csv(tmp, sep="\t", index=False, lineterminator="\n")
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_tsv(rows: list[tuple[str, str]], path: Path) -> None:
+    """``filepath<TAB>title`` with a header."""
+    import pandas as pd
+
+    frame = pd.DataFrame(rows, columns=list(TSV_COLUMNS))
+    _write_then_rename(path, lambda tmp: frame.to_csv(tmp, sep="\t", index=False, lineterminator="\n"))
 
 
 def write_shards(entries: list[Entry], folder: Path, prefix: str, shard_size: int,
                  progress: Optional[ProgressFn] = None) -> list[Path]:
     """webdataset shards ``{prefix}-000000.tar``...: one sample per image, ``{key}.jpg`` (the file
-    as it is), ``{key}.txt`` (its first caption) and ``{key}.json`` (all captions, image id, file name)."""
+    as it is), ``{key}.txt`` (its first caption) and ``{key}.json`` (all captions, image id, file name).
+
+    ``{folder}/sizes.json`` gives each shard's sample count, so that ``coca train --data folder``
+    knows the epoch length. A rerun (say with another ``shard_size``) replaces the set: the old
+    sizes.json goes first, so that no count can describe a rewritten shard, and once the new one
+    is written, shards under ``prefix`` that it does not list are removed.
+    """
     if shard_size < 1:
         raise CocaError("--shard-size must be at least 1")
-    folder.mkdir(parents=True, exist_ok=True)
-    written = []
+    sizes_file = folder / SIZES_FILE
+    sizes_file.unlink(missing_ok=True)
+    sizes: dict[str, int] = {}
     for start in range(0, len(entries), shard_size):
+        chunk = entries[start:start + shard_size]
         path = folder / f"{prefix}-{start // shard_size:06d}.tar"
-        tmp = path.with_name(path.name + ".tmp")
-        with tarfile.open(tmp, "w") as tar:
-            for i, entry in enumerate(entries[start:start + shard_size], start):
-                key = entry.image.stem.replace(".", "_")
-                meta = {"image_id": entry.image_id, "filename": entry.image.name, "captions": entry.captions}
-                suffix = entry.image.suffix.lower().lstrip(".") or "jpg"
-                _add(tar, f"{key}.{suffix}", entry.image.read_bytes())
-                _add(tar, f"{key}.json", json.dumps(meta, ensure_ascii=False).encode())
-                _add(tar, f"{key}.txt", entry.captions[0].encode())
-                if progress:
-                    progress(prefix, i + 1, len(entries))
-        os.replace(tmp, path)
-        written.append(path)
-    return written
+        _write_then_rename(path, lambda tmp: _write_tar(tmp, chunk, start, len(entries), prefix, progress))
+        sizes[path.name] = len(chunk)
+    _write_then_rename(sizes_file, lambda tmp: tmp.write_text(json.dumps(sizes, indent=1) + "\n"))
+    ours = re.compile(rf"{re.escape(prefix)}-\d+\.tar(\.tmp)?")  # .tmp: left by a run that was killed
+    for stale in sorted(folder.iterdir()):
+        if ours.fullmatch(stale.name) and stale.name not in sizes:
+            stale.unlink()
+    return [folder / name for name in sizes]
+
+
+def _write_tar(path: Path, entries: list[Entry], first: int, total: int, prefix: str,
+               progress: Optional[ProgressFn]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for i, entry in enumerate(entries, first):
+            key = entry.image.stem.replace(".", "_")
+            meta = {"image_id": entry.image_id, "filename": entry.image.name, "captions": entry.captions}
+            suffix = entry.image.suffix.lower().lstrip(".") or "jpg"
+            _add(tar, f"{key}.{suffix}", entry.image.read_bytes())
+            _add(tar, f"{key}.json", json.dumps(meta, ensure_ascii=False).encode())
+            _add(tar, f"{key}.txt", entry.captions[0].encode())
+            if progress:
+                progress(prefix, i + 1, total)
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -282,7 +312,7 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 def prepare_coco(root: Path, output: Optional[Path] = None, style: str = "auto", year: Optional[str] = None,
                  absolute: bool = False, splits: Optional[Iterable[str]] = None, shards: Optional[Path] = None,
                  shard_size: int = 5000, progress: Optional[ProgressFn] = None) -> list[SplitReport]:
-    """Write ``{output}/{split}.tsv`` for every split (and shards under ``shards``).
+    """Write ``{output}/{split}.tsv`` for every split (and shards in ``{shards}/{split}/``).
 
     Images missing from disk are left out and listed in each report's ``missing``; blank
     captions are left out and counted. Relative paths are relative to the TSV's folder.
@@ -321,7 +351,7 @@ def prepare_coco(root: Path, output: Optional[Path] = None, style: str = "auto",
         write_tsv(rows, tsv)
         report.images, report.captions = len(present), len(rows)
         if shards is not None and present:
-            report.shards = write_shards(present, Path(shards).expanduser(), name, shard_size, progress)
+            report.shards = write_shards(present, Path(shards).expanduser() / name, name, shard_size, progress)
         reports.append(report)
     return reports
 

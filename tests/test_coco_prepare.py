@@ -162,14 +162,23 @@ def test_missing_images_are_counted_and_left_out(tmp_path, capsys):
     assert len(read_tsv(root / "karpathy_val.tsv")) == 5
 
 
-def test_webdataset_shards(tmp_path):
+def shard_folder(folder: Path) -> dict:
+    """{file name: samples per sizes.json, or None for a shard it does not list}, of everything in ``folder``."""
+    sizes = json.loads((folder / "sizes.json").read_text())
+    return {p.name: sizes.get(p.name) for p in sorted(folder.iterdir()) if p.name != "sizes.json"}
+
+
+def test_webdataset_shards(tmp_path, capsys):
     import webdataset as wds
 
     root = make_coco(tmp_path / "coco", "2014", karpathy=True)
-    assert run_cli("prepare-coco", "--root", root, "--shards", tmp_path / "shards", "--shard-size", "3") == 0
-    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == [
-        "karpathy_test-000000.tar", "karpathy_train-000000.tar", "karpathy_train-000001.tar", "karpathy_val-000000.tar"]
-    samples = list(wds.WebDataset([str(p) for p in sorted((tmp_path / "shards").glob("karpathy_train-*.tar"))],
+    shards = tmp_path / "shards"
+    assert run_cli("prepare-coco", "--root", root, "--shards", shards, "--shard-size", "3") == 0
+    assert sorted(p.name for p in shards.iterdir()) == ["karpathy_test", "karpathy_train", "karpathy_val"]
+    assert shard_folder(shards / "karpathy_train") == {"karpathy_train-000000.tar": 3, "karpathy_train-000001.tar": 1}
+    assert shard_folder(shards / "karpathy_val") == {"karpathy_val-000000.tar": 1}
+    assert f"2 shards in {shards / 'karpathy_train'}/" in capsys.readouterr().err
+    samples = list(wds.WebDataset([str(p) for p in sorted((shards / "karpathy_train").glob("*.tar"))],
                                   shardshuffle=False))
     assert [s["__key__"] for s in samples] == [Path(image_name("2014", official_split(i), i)).stem
                                                for i in (9, 25, 30, 34)]
@@ -178,6 +187,63 @@ def test_webdataset_shards(tmp_path):
     assert first["txt"].decode() == CAPTIONS[9][0]
     meta = json.loads(first["json"])
     assert meta["image_id"] == 9 and meta["captions"][1] == "Rice and chicken on a plate."
+
+
+def test_official_split_folders_and_a_rerun_with_another_shard_size(tmp_path):
+    root = make_coco(tmp_path / "coco", "2014")
+    shards = tmp_path / "shards"
+    args = ["prepare-coco", "--root", root, "--split-style", "official", "--shards", shards]
+    assert run_cli(*args, "--shard-size", "1") == 0
+    assert sorted(p.name for p in shards.iterdir()) == ["train2014", "val2014"]
+    assert shard_folder(shards / "val2014") == {f"val2014-00000{i}.tar": 1 for i in range(4)}
+    (shards / "val2014" / "val2014-000007.tar.tmp").write_bytes(b"half")  # left by a run that was killed
+    (shards / "val2014" / "notes.txt").write_text("mine")  # not a shard: kept
+    assert run_cli(*args, "--shard-size", "3") == 0
+    assert shard_folder(shards / "val2014") == {"notes.txt": None, "val2014-000000.tar": 3, "val2014-000001.tar": 1}
+    assert shard_folder(shards / "train2014") == {"train2014-000000.tar": 2}
+
+
+def test_an_interrupted_rerun_leaves_complete_shards_and_no_wrong_count(tmp_path, monkeypatch, capsys):
+    import webdataset as wds
+
+    from coca_cli import coco
+
+    root = make_coco(tmp_path / "coco", "2014")
+    val = tmp_path / "shards" / "val2014"
+    args = ["prepare-coco", "--root", root, "--split-style", "official", "--splits", "val", "--shards", val.parent]
+    assert run_cli(*args, "--shard-size", "1") == 0
+    members, add = [], coco._add
+
+    def ctrl_c_in_the_second_shard(tar, name, data):  # the first shard of the rerun holds 3 images, 9 members
+        members.append(name)
+        if len(members) == 11:
+            raise KeyboardInterrupt
+        add(tar, name, data)
+
+    monkeypatch.setattr(coco, "_add", ctrl_c_in_the_second_shard)
+    assert run_cli(*args, "--shard-size", "3") == 130
+    monkeypatch.undo()
+    assert sorted(p.name for p in val.iterdir()) == [f"val2014-00000{i}.tar" for i in range(4)]  # no sizes.json
+    for shard in val.iterdir():  # the new first shard and the old others: each complete
+        assert len(list(wds.WebDataset(str(shard), shardshuffle=False))) == (3 if shard.name.endswith("0.tar") else 1)
+    capsys.readouterr()
+    assert run_cli("train", "--data", val, "--model", "coca_tiny", "--output", tmp_path / "run") == 2
+    assert "--train-num-samples" in one_error_line(capsys)  # rather than an epoch length that is wrong
+    assert run_cli(*args, "--shard-size", "3") == 0
+    assert shard_folder(val) == {"val2014-000000.tar": 3, "val2014-000001.tar": 1}
+
+
+def test_train_on_a_split_folder_without_train_num_samples(tmp_path):
+    root = make_coco(tmp_path / "coco", "2014", karpathy=True)
+    assert run_cli("prepare-coco", "--root", root, "--splits", "train", "--shards", tmp_path / "shards",
+                   "--shard-size", "3") == 0
+    run = tmp_path / "run"
+    assert run_cli("train", "--data", tmp_path / "shards" / "karpathy_train", "--model", "coca_tiny", "--workers", "0",
+                   "--precision", "fp32", "--batch-size", "2", "--epochs", "1", "--warmup", "1",
+                   "--log-every-n-steps", "1", "--output", run) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["samples"]) for r in rows] == [(1, 2), (2, 4)]  # Karpathy's 4 train images, one epoch
+    assert (run / "final" / "model.safetensors").is_file()
 
 
 @pytest.mark.parametrize("make, args, message", [

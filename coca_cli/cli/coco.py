@@ -60,8 +60,10 @@ def prepare_coco_command(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Folder for the TSV files [default: --root]."),
     absolute: bool = typer.Option(False, "--absolute", help="Write absolute image paths (default: relative to the "
                                   "TSV's folder; open_clip's own loader wants absolute ones)."),
-    shards: Optional[Path] = typer.Option(None, "--shards", help="Also write webdataset shards here: one sample per "
-                                          "image, .jpg, .txt (first caption) and .json (all captions)."),
+    shards: Optional[Path] = typer.Option(None, "--shards", help="Also write webdataset shards: a folder per split "
+                                          "here (e.g. SHARDS/train2014/) with a sizes.json, ready for `coca train "
+                                          "--data SHARDS/train2014/`. One sample per image: .jpg, .txt (first "
+                                          "caption), .json (all captions). A rerun replaces a split's shards."),
     shard_size: int = typer.Option(5000, "--shard-size", min=1, help="Images per shard."),
     download: bool = typer.Option(False, "--download", help="First fetch whatever of the official archives (and "
                                   "Karpathy's split) is not under --root yet; resumes partial downloads."),
@@ -80,6 +82,7 @@ def prepare_coco_command(
     Example: coca prepare-coco --root data/coco
              coca prepare-coco --root data/coco --download --splits val,test
              coca prepare-coco --root data/coco --split-style official --shards data/coco/shards
+             coca train --model coca_ViT-B-32 --data data/coco/shards/train2014/
     """
     from ..coco import COCO_BASE_URL, coco_archives, fetch_coco, prepare_coco
 
@@ -100,7 +103,7 @@ def prepare_coco_command(
     for r in reports:
         line = f"{r.tsv}: {r.images} images, {r.captions} captions"
         if r.shards:
-            line += f"; {len(r.shards)} shards in {r.shards[0].parent}"
+            line += f"; {len(r.shards)} shards in {r.shards[0].parent}/"
         err_console.print(line)
         if r.empty_captions:
             err_console.print(f"{r.name}: {r.empty_captions} blank captions left out")
