@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import shutil
@@ -129,3 +132,92 @@ def one_error_line(capsys) -> str:
     err = capsys.readouterr().err
     assert err.startswith("coca: error: ") and err.count("\n") == 1, err
     return err
+
+
+# -- commands stopped at a precise point, for signal tests that do not depend on timing -----------
+
+# `coca ARGS` that pauses at a precise point: after the first AFTER batches of images were handed out
+# (all their results written), or, with ``at="train_step"``, before training step AFTER + 1 (step
+# AFTER logged). There it writes to the READY pipe and waits on the HOLD pipe: a signal lands there
+# and nowhere else.
+COCA_PAUSING = """
+import os, sys
+from coca_cli import captioning, retrieval, train
+from coca_cli.cli import main
+
+ready, hold, after, at = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+
+def pause():
+    os.write(ready, b"paused")
+    os.read(hold, 1)  # returns when the test closes its end, after signalling
+
+def pausing(iter_batches):
+    def batches(*args, **kwargs):
+        for done, batch in enumerate(iter_batches(*args, **kwargs), 1):
+            yield batch
+            if done == after:
+                pause()
+    return batches
+
+def pausing_step(train_step):
+    def step(self, micro, stop):
+        if self.step == after:
+            pause()
+        return train_step(self, micro, stop)
+    return step
+
+if at == "train_step":
+    train.Trainer.train_step = pausing_step(train.Trainer.train_step)
+else:
+    captioning.iter_batches = pausing(captioning.iter_batches)
+    retrieval.iter_batches = pausing(retrieval.iter_batches)
+sys.exit(main(sys.argv[5:]))
+"""
+
+
+class Paused:
+    """A `coca` subprocess stopped after ``after`` batches (or training steps, ``at="train_step"``);
+    ``stop(sig)`` signals it and waits for its end.
+
+    ``group``: the signal goes to the command's whole process group, as a terminal's Ctrl-C (or a
+    service manager's stop) would, so image-decoding workers receive it too.
+    """
+
+    def __init__(self, after: int, *args, group: bool = False, at: str = "batches"):
+        ready_reader, ready = os.pipe()
+        hold, self.hold = os.pipe()
+        self.group = group
+        self.proc = subprocess.Popen([sys.executable, "-c", COCA_PAUSING, str(ready), str(hold), str(after), at,
+                                      *map(str, args)], pass_fds=(ready, hold), stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, env=subprocess_env(), start_new_session=group)
+        os.close(ready)
+        os.close(hold)
+        with os.fdopen(ready_reader, "rb") as reader:
+            reached = reader.read(len(b"paused"))  # empty if the command ended without pausing
+        if reached != b"paused":
+            os.close(self.hold)
+            raise AssertionError(f"the command did not reach the pause: {self.proc.communicate()}")
+
+    def written(self) -> list[str]:
+        """The lines on stdout so far: only what the command has flushed can be there."""
+        fd = self.proc.stdout.fileno()
+        os.set_blocking(fd, False)
+        try:
+            return (os.read(fd, 1 << 20) or b"").decode().splitlines()
+        except BlockingIOError:
+            return []
+        finally:
+            os.set_blocking(fd, True)
+
+    def stop(self, sig) -> tuple[str, str]:
+        try:
+            (os.killpg if self.group else os.kill)(self.proc.pid, sig)
+            os.close(self.hold)
+            out, err = self.proc.communicate()
+            return (out or b"").decode(), (err or b"").decode()
+        finally:
+            if self.group:  # the test fails below if anything was left; it is not left running
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass

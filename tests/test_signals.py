@@ -1,42 +1,30 @@
 """Ctrl-C (SIGINT) and SIGTERM stop a command cleanly: exit 130 / 143, one last line saying so,
-no traceback, and every result produced before the signal kept whole (and resumable)."""
+no traceback, and every result produced before the signal kept whole (and resumable).
+
+Nothing here depends on timing: the command pauses at a precise point (after a given number of
+batches have been handed out and their results written), says so through a pipe, and the signal
+is sent only then, while it waits.
+"""
 
 import json
+import os
 import shutil
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 from PIL import Image
 
-from conftest import run_cli, subprocess_env
+from conftest import Paused, run_cli
 
 FAST_CAPTION = ["--seq-len", "6", "--min-seq-len", "2", "--num-beams", "2", "--num-beam-groups", "1"]
 CODES = {signal.SIGINT: (130, "coca: error: interrupted"), signal.SIGTERM: (143, "coca: error: terminated")}
 
-
 @pytest.fixture(scope="module")
-def many_photos(tmp_path_factory):
-    """400 small images: enough that no run finishes before the signal arrives."""
-    folder = tmp_path_factory.mktemp("many")
-    for i in range(400):
-        Image.new("RGB", (64, 64), (i % 256, (7 * i) % 256, (13 * i) % 256)).save(folder / f"{i:03d}.png")
+def photos(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("photos")
+    for i in range(6):
+        Image.new("RGB", (64, 64), (40 * i, (70 * i) % 256, (130 * i) % 256)).save(folder / f"{i}.png")
     return folder
-
-
-def _start(*args):
-    return subprocess.Popen([sys.executable, "-m", "coca_cli", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=subprocess_env())
-
-
-def _wait_for(condition, proc, timeout=120):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert proc.poll() is None, f"finished before the signal: {proc.communicate()}"
-        assert time.monotonic() < deadline, "no result appeared"
-        time.sleep(0.05)
 
 
 def _assert_stopped_by(proc, sig, stderr: str):
@@ -47,43 +35,40 @@ def _assert_stopped_by(proc, sig, stderr: str):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
-def test_caption_to_a_file_keeps_every_finished_line_and_resumes(sig, many_photos, tiny, tmp_path):
+def test_caption_with_workers_keeps_every_finished_line_and_resumes(sig, photos, tiny, tmp_path):
     out = tmp_path / "captions.jsonl"
-    args = ["caption", many_photos, "--pretrained", tiny[1], *FAST_CAPTION, "--batch-size", "1", "--output", out]
-    proc = _start(*args)
-    _wait_for(lambda: out.exists() and out.read_text().count("\n") >= 3, proc)
-    proc.send_signal(sig)
-    _, stderr = proc.communicate(timeout=60)
-    _assert_stopped_by(proc, sig, stderr)
+    args = ["caption", photos, "--pretrained", tiny[1], *FAST_CAPTION, "--batch-size", "1", "--workers", "2",
+            "--output", out]
+    paused = Paused(3, *args, group=True)
+    _, stderr = paused.stop(sig)
+    _assert_stopped_by(paused.proc, sig, stderr)
+    with pytest.raises(ProcessLookupError):  # no decoding worker outlived the command
+        os.killpg(paused.proc.pid, 0)
     lines = out.read_text().splitlines()
-    assert 3 <= len(lines) < 400
-    assert all(json.loads(line)["caption"] for line in lines)  # whole lines only
+    assert [json.loads(line)["image"] for line in lines] == [str(photos / f"{i}.png") for i in range(3)]
+    assert all(json.loads(line)["caption"] for line in lines)
 
     assert run_cli(*args, "--resume") == 0
     images = [json.loads(line)["image"] for line in out.read_text().splitlines()]
-    assert len(images) == len(set(images)) == 400
+    assert sorted(images) == [str(photos / f"{i}.png") for i in range(6)]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
-def test_classify_to_a_pipe_keeps_every_finished_line(sig, many_photos, tiny):
-    proc = _start("classify", many_photos, "--labels", "red,green,blue", "--pretrained", tiny[1], "--json",
-                  "--batch-size", "1")
-    first = proc.stdout.readline()  # a result reached the pipe: it was flushed, not buffered
-    assert json.loads(first)["predictions"]
-    proc.send_signal(sig)
-    rest, stderr = proc.communicate(timeout=60)
-    _assert_stopped_by(proc, sig, stderr)
-    lines = [first.rstrip("\n"), *rest.splitlines()]
-    assert len(lines) < 400 and all(len(json.loads(line)["predictions"]) == 3 for line in lines)
+def test_classify_to_a_pipe_keeps_every_finished_line(sig, photos, tiny):
+    paused = Paused(2, "classify", photos, "--labels", "red,green,blue", "--pretrained", tiny[1], "--json",
+                    "--batch-size", "1")
+    first = paused.written()  # results already in the pipe: flushed as they came, not buffered
+    assert [json.loads(line)["image"] for line in first] == [str(photos / "0.png"), str(photos / "1.png")]
+    rest, stderr = paused.stop(sig)
+    _assert_stopped_by(paused.proc, sig, stderr)
+    assert rest == "" and all(len(json.loads(line)["predictions"]) == 3 for line in first)
 
 
-def test_an_interrupted_retrieve_keeps_the_embeddings_it_made(many_photos, tiny, tmp_path, monkeypatch, capsys):
+def test_an_interrupted_retrieve_keeps_the_embeddings_it_made(photos, tiny, tmp_path, monkeypatch, capsys):
     from coca_cli.retrieval import ImageIndex
 
     folder = tmp_path / "photos"
-    folder.mkdir()
-    for path in sorted(many_photos.iterdir())[:6]:
-        shutil.copy(path, folder / path.name)
+    shutil.copytree(photos, folder)
     add = ImageIndex.add
     calls = []
 
