@@ -41,8 +41,8 @@ def read_references(path: Path, img_key: str = "filepath", caption_key: str = "t
 
 
 def read_predictions(path: Path) -> dict[str, str]:
-    """{image: caption} from JSON Lines (``{"image": ..., "caption": ...}`` a line), a CSV with
-    ``image`` and ``caption`` columns, or ``image<TAB>caption`` lines (.tsv/.txt) — the files
+    """{image: caption} from JSON Lines (``{"image": ..., "caption": ...}`` a line), a CSV or TSV
+    with ``image`` and ``caption`` columns, or ``image<TAB>caption`` lines (.txt) — the files
     ``coca caption --output`` writes."""
     path = Path(path).expanduser()
     suffix = path.suffix.lower()
@@ -58,14 +58,14 @@ def read_predictions(path: Path) -> dict[str, str]:
 
     with reading(path):
         with open(path, encoding="utf-8-sig", newline="") as f:
-            if suffix == ".csv":
-                reader = csv.DictReader(f)
+            if suffix in (".csv", ".tsv"):
+                reader = csv.DictReader(f, delimiter="," if suffix == ".csv" else "\t")
                 if not {"image", "caption"} <= set(reader.fieldnames or []):
                     raise CocaError(f"{path} needs the columns image and caption (has: "
                                     f"{', '.join(reader.fieldnames or []) or 'none'})")
                 for line, row in enumerate(reader, start=2):
                     add(row["image"], row["caption"], line)
-            elif suffix in (".tsv", ".txt"):
+            elif suffix == ".txt":
                 for line, text in enumerate(f, start=1):
                     text = text.rstrip("\r\n")
                     if not text.strip():

@@ -10,11 +10,13 @@ from typing import Callable, Iterator, Optional, TextIO
 
 import torch
 
-from .errors import CocaError
 from .images import iter_batches
+from .output import FILE_FORMATS, RecordWriter, file_format
 from .tokenizer import decode
 
-OUTPUT_FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".txt": "tsv", ".tsv": "tsv"}
+# .txt is path<TAB>caption lines, like stdout; .tsv a real TSV with a header (see RecordWriter)
+OUTPUT_FORMATS = {**FILE_FORMATS, ".json": "jsonl", ".txt": "txt"}
+COLUMNS = ("image", "caption")
 
 
 def caption_images(model, transform: Callable, paths: list[Path], batch_size: int = 8, workers: int = 0,
@@ -35,21 +37,16 @@ def caption_images(model, transform: Callable, paths: list[Path], batch_size: in
 class CaptionWriter:
     """Writes one line per caption as soon as it exists, flushed, so nothing done is lost.
 
-    The format follows the output file's suffix (.jsonl, .csv, .txt/.tsv); without a file,
-    tab-separated lines (or JSON Lines) go to stdout.
+    The format follows the output file's suffix (.jsonl, .csv, .tsv, .txt); without a file,
+    path<TAB>caption lines (or JSON Lines) go to stdout.
     """
 
     def __init__(self, output: Optional[Path] = None, as_json: bool = False, resume: bool = False):
-        if output is None:
-            self.format = "jsonl" if as_json else "tsv"
-        else:
-            suffix = output.suffix.lower()
-            if suffix not in OUTPUT_FORMATS:
-                raise CocaError(f"unsupported output file type '{suffix or output.name}' (use .jsonl, .csv or .txt)")
-            self.format = OUTPUT_FORMATS[suffix]
+        fmt = file_format(output, OUTPUT_FORMATS) if output is not None else ("jsonl" if as_json else "txt")
         self.output = output
-        self.done: set[str] = read_done(output, self.format) if (resume and output and output.exists()) else set()
+        self.done: set[str] = read_done(output, fmt) if (resume and output and output.exists()) else set()
         self._file: TextIO
+        fresh = True
         if output is None:
             self._file = sys.stdout
         else:
@@ -58,18 +55,10 @@ class CaptionWriter:
             if not fresh:
                 _drop_partial_line(output)
             self._file = open(output, "w" if fresh else "a", encoding="utf-8", newline="")
-            if self.format == "csv" and fresh:
-                csv.writer(self._file).writerow(["image", "caption"])
-        self._csv = csv.writer(self._file) if self.format == "csv" else None
+        self._records = RecordWriter(self._file, fmt, COLUMNS, header=fresh)
 
     def write(self, image: str, caption: str) -> None:
-        if self.format == "jsonl":
-            self._file.write(json.dumps({"image": image, "caption": caption}, ensure_ascii=False) + "\n")
-        elif self._csv is not None:
-            self._csv.writerow([image, caption])
-        else:
-            self._file.write(f"{image}\t{caption}\n")
-        self._file.flush()
+        self._records.write({"image": image, "caption": caption}, [(image, caption)])
 
     def close(self) -> None:
         if self._file is not sys.stdout:
@@ -100,8 +89,8 @@ def read_done(path: Path, fmt: str) -> set[str]:
                     done.add(json.loads(line)["image"])
                 except (ValueError, KeyError, TypeError):
                     continue  # a line cut short by the interruption: caption it again
-        elif fmt == "csv":
-            rows = csv.reader(f)
+        elif fmt in ("csv", "tsv"):
+            rows = csv.reader(f, delimiter="," if fmt == "csv" else "\t")
             next(rows, None)
             done.update(row[0] for row in rows if len(row) == 2)
         else:

@@ -165,8 +165,16 @@ def get_model_config(model: str | Path) -> CoCaConfig:
     if path.suffix == ".json" or path.exists():
         if not path.is_file():
             raise CocaError(f"model config file not found: {path}")
-        return _read_config(path, path.stem)
+        cfg = _read_config(path, str(path))
+        cfg.name = builtin_name(cfg) or cfg.name
+        return cfg
     raise CocaError(f"unknown model '{name}'{suggest(name, registry)}; `coca models` lists them")
+
+
+def builtin_name(cfg: CoCaConfig) -> Optional[str]:
+    """The built-in config that ``cfg`` is (names aside), e.g. for the config.json in a folder that
+    ``coca convert`` or training wrote, so that results can say which model they come from."""
+    return next((name for name, path in _registry().items() if _read_config(path, name) == cfg), None)
 
 
 def _read_config(path, name: str) -> CoCaConfig:

@@ -508,46 +508,79 @@ def _ids(value, default: int) -> list[int]:
     return [int(value)]
 
 
+Spelling = Callable[..., Optional[str]]
+
+
+def parameter(name: str, value=None) -> str:
+    """How messages name a setting for Python callers: ``seq_len``, ``generation_type='top_k'``."""
+    return name if value is None else f"{name}={value!r}"
+
+
 def validate_options(*, generation_type="beam_search", seq_len=30, max_seq_len=77, min_seq_len=5, num_beams=6,
-                     num_beam_groups=3, top_p=0.1, top_k=1, temperature=1.0, repetition_penalty=1.0) -> None:
-    """Reject bad generation settings with a one-line ValueError, before any model is loaded."""
+                     num_beam_groups=3, top_p=0.1, top_k=1, temperature=1.0, repetition_penalty=1.0,
+                     spell: Spelling = parameter) -> None:
+    """Reject bad generation settings with a one-line ValueError, before any model is loaded.
+
+    ``spell(name, value=None)`` names the settings in the message: Python parameters by default,
+    command-line options for the CLI.
+    """
     if generation_type not in GENERATION_TYPES:
-        raise ValueError(f"generation_type must be one of {', '.join(GENERATION_TYPES)}, not {generation_type!r}")
+        raise ValueError(f"{spell('generation_type')} must be one of {', '.join(GENERATION_TYPES)}, "
+                         f"not {generation_type!r}")
     if not isinstance(min_seq_len, int) or min_seq_len < 0:
-        raise ValueError(f"min_seq_len must be a non-negative integer, not {min_seq_len!r}")
-    if seq_len <= min_seq_len:
-        raise ValueError(f"seq_len ({seq_len}) must be larger than min_seq_len ({min_seq_len})")
+        raise ValueError(f"{spell('min_seq_len')} must be a non-negative integer, not {min_seq_len!r}")
+    if seq_len is not None and seq_len <= min_seq_len:  # None: the model's default, see fit_to_model
+        raise ValueError(f"{spell('seq_len')} ({seq_len}) must be larger than {spell('min_seq_len')} ({min_seq_len})")
     if num_beams < 1 or num_beam_groups < 1 or num_beams % num_beam_groups:
-        raise ValueError(f"num_beams ({num_beams}) must be a positive multiple of num_beam_groups ({num_beam_groups})")
+        raise ValueError(f"{spell('num_beams')} ({num_beams}) must be a positive multiple of "
+                         f"{spell('num_beam_groups')} ({num_beam_groups})")
     if generation_type == "beam_search" and num_beams < 2:
-        raise ValueError(f"beam search needs num_beams >= 2, not {num_beams}; use generation_type='top_k' for greedy")
+        raise ValueError(f"beam search needs {spell('num_beams')} >= 2, not {num_beams}; "
+                         f"use {spell('generation_type', 'top_k')} for greedy")
     if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], not {top_p}")
+        raise ValueError(f"{spell('top_p')} must be in (0, 1], not {top_p}")
     if not isinstance(top_k, int) or top_k < 1:
-        raise ValueError(f"top_k must be an integer >= 1, not {top_k!r}")
+        raise ValueError(f"{spell('top_k')} must be an integer >= 1, not {top_k!r}")
     if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, not {temperature}")
+        raise ValueError(f"{spell('temperature')} must be > 0, not {temperature}")
     if not repetition_penalty > 0:
-        raise ValueError(f"repetition_penalty must be > 0, not {repetition_penalty}")
+        raise ValueError(f"{spell('repetition_penalty')} must be > 0, not {repetition_penalty}")
     if max_seq_len < 1:
-        raise ValueError(f"max_seq_len must be >= 1, not {max_seq_len}")
+        raise ValueError(f"{spell('max_seq_len')} must be >= 1, not {max_seq_len}")
 
 
-def _validate(model, *, generation_type, seq_len, max_seq_len, prefix_len: int, **options):
-    validate_options(generation_type=generation_type, seq_len=seq_len, max_seq_len=max_seq_len, **options)
-    limit = max_decode_length(model)
-    if generation_type == "beam_search":
-        longest = seq_len - 1
-    else:  # the longest window the model is run on
-        longest = min(max(prefix_len, seq_len - 1), max_seq_len)
-    if longest > limit:
-        if generation_type != "beam_search" and prefix_len > limit and prefix_len >= seq_len:
-            hint = f"the text prefix ({prefix_len} tokens) is longer than that; shorten it or lower max_seq_len"
-        elif generation_type != "beam_search":
-            hint = f"use seq_len <= {limit + 1}, or max_seq_len <= {limit} to decode in a sliding window"
-        else:
-            hint = f"use seq_len <= {limit + 1}"
-        raise ValueError(f"seq_len {seq_len} is too long for this model, which runs on at most {limit} tokens: {hint}")
+def validate_for_model(model, *, generation_type="beam_search", seq_len=30, max_seq_len=77, prefix_len: int = 1,
+                       spell: Spelling = parameter, **options) -> None:
+    """:func:`validate_options`, and that the captions fit the model's context (``prefix_len``:
+    the tokens sampling starts from, sot included)."""
+    validate_options(generation_type=generation_type, seq_len=seq_len, max_seq_len=max_seq_len, spell=spell,
+                     **options)
+    limit = max_decode_length(model)  # the model runs on the caption but its last token: seq_len - 1
+    sampling = generation_type != "beam_search"
+    longest = min(max(prefix_len, seq_len - 1), max_seq_len) if sampling else seq_len - 1
+    if longest <= limit:
+        return
+    window = spell("max_seq_len")  # sampling can slide a window instead (not every caller offers it)
+    window_hint = f", or {window} <= {limit} to decode in a sliding window" if sampling and window else ""
+    if sampling and prefix_len > limit and prefix_len >= seq_len:
+        raise ValueError(f"the text prefix ({prefix_len} tokens) is longer than the {limit} tokens this model reads: "
+                         f"shorten it{window_hint}")
+    raise ValueError(f"{spell('seq_len', seq_len)} is too long for this model, whose captions have at most "
+                     f"{limit + 1} tokens (start and end included): use {spell('seq_len')} <= {limit + 1}"
+                     f"{window_hint}")
+
+
+def default_seq_len(model, preferred: int = 30) -> int:
+    """``preferred`` (the usual caption length), or the longest the model allows when that is less."""
+    return min(preferred, max_decode_length(model) + 1)
+
+
+def fit_to_model(model, options: dict, spell: Spelling = parameter) -> dict:
+    """``generate`` options for ``model``: ``seq_len=None`` becomes :func:`default_seq_len`, and
+    everything is checked against the model before any image is read."""
+    options = {**options, "seq_len": options.get("seq_len") or default_seq_len(model)}
+    validate_for_model(model, spell=spell, **options)
+    return options
 
 
 def generate(model, image: torch.Tensor, text: Optional[torch.Tensor] = None, seq_len: int = 30,
@@ -582,9 +615,10 @@ def generate(model, image: torch.Tensor, text: Optional[torch.Tensor] = None, se
         pad after shorter captions; sampling: pad after eos), [L] when ``text`` was 1-D.
     """
     prefix_len = 1 if text is None else text.shape[-1]
-    _validate(model, generation_type=generation_type, seq_len=seq_len, max_seq_len=max_seq_len,
-              min_seq_len=min_seq_len, num_beams=num_beams, num_beam_groups=num_beam_groups, top_p=top_p,
-              top_k=top_k, temperature=temperature, repetition_penalty=repetition_penalty, prefix_len=prefix_len)
+    validate_for_model(model, generation_type=generation_type, seq_len=seq_len, max_seq_len=max_seq_len,
+                       min_seq_len=min_seq_len, num_beams=num_beams, num_beam_groups=num_beam_groups, top_p=top_p,
+                       top_k=top_k, temperature=temperature, repetition_penalty=repetition_penalty,
+                       prefix_len=prefix_len)
     device = image.device
     sot = _ids(sot_token_id, SOT_TOKEN_ID)[0]
     eos_ids = _ids(eos_token_id, EOS_TOKEN_ID)

@@ -217,9 +217,18 @@ class Ranking:
     hits: list[Hit]
     query_is_image: bool = False
 
-    def to_json(self) -> dict:
+    @property
+    def columns(self) -> tuple[str, str, str, str]:
         query_key, hit_key = ("image", "text") if self.query_is_image else ("query", "image")
+        return query_key, "rank", hit_key, "score"
+
+    def to_json(self) -> dict:
+        query_key, _, hit_key, _ = self.columns
         return {query_key: self.query, "hits": [{"rank": h.rank, hit_key: h.item, "score": h.score} for h in self.hits]}
+
+    def rows(self) -> list[tuple]:
+        """One row per hit, in ``columns`` order."""
+        return [(self.query, h.rank, h.item, h.score) for h in self.hits]
 
 
 def search(queries: Sequence[str], query_features: torch.Tensor, candidates: Sequence[str],
@@ -244,6 +253,7 @@ def retrieval_recall(scores: torch.Tensor, caption_image: Sequence[int],
     ``image_retrieval_recall@k`` (text→image): a caption scores when its image is among its k
     best images. ``text_retrieval_recall@k`` (image→text): an image scores when ANY of its
     captions is among its k best captions. k beyond the number of candidates means all of them.
+    The one definition of recall here: ``coca eval retrieval`` and validation during training use it.
     """
     target = torch.as_tensor(list(caption_image))
     image_ids = torch.arange(scores.shape[1])

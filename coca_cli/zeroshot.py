@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import CocaError
-from .images import collect_images
+from .inputs import collect_images
 from .retrieval import embed_texts
 from .templates import DEFAULT_TEMPLATE, fill
 
@@ -62,6 +62,22 @@ def top_labels(probs: torch.Tensor, labels: Sequence[str], k: int) -> list[list[
     """Per image, the ``k`` most probable (label, probability) pairs, most probable first."""
     top = probs.topk(min(k, probs.shape[1]), dim=1)
     return [[(labels[i], p) for i, p in zip(idx.tolist(), val.tolist())] for val, idx in zip(top.values, top.indices)]
+
+
+@dataclass
+class Classification:
+    """One image's most probable labels, as JSON (one object) or as table rows (one per label)."""
+
+    image: str
+    labels: list[tuple[str, float]]  # (label, probability), most probable first
+
+    COLUMNS = ("image", "rank", "label", "probability")
+
+    def to_json(self) -> dict:
+        return {"image": self.image, "predictions": [{"label": label, "probability": p} for label, p in self.labels]}
+
+    def rows(self) -> list[tuple]:
+        return [(self.image, rank, label, p) for rank, (label, p) in enumerate(self.labels, start=1)]
 
 
 def zeroshot_accuracy(logits: torch.Tensor, targets: torch.Tensor,

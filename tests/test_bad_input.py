@@ -103,17 +103,17 @@ def empty_dataset(tmp, native):
 
 
 def beams_not_divisible_by_groups(tmp, native):
-    return ["caption", GOOD, "--pretrained", native, "--num-beams", "5", "--num-beam-groups", "3"], 2, "num_beam_groups"
+    return ["caption", GOOD, "--pretrained", native, "--num-beams", "5", "--num-beam-groups", "3"], 2, "--num-beam-groups"
 
 
 def seq_len_not_above_min_seq_len(tmp, native):
-    return ["caption", GOOD, "--pretrained", native, "--seq-len", "5", "--min-seq-len", "5"], 2, "min_seq_len"
+    return ["caption", GOOD, "--pretrained", native, "--seq-len", "5", "--min-seq-len", "5"], 2, "--min-seq-len"
 
 
 @pytest.mark.parametrize("top_p", ["0", "1.5", "-0.1"])
 def test_top_p_outside_0_1_is_a_usage_error(top_p, tiny, capsys):
     code = run_cli("caption", GOOD, "--pretrained", tiny[1], "--generation-type", "top_p", "--top-p", top_p)
-    _assert_one_line(capsys.readouterr().err, "top_p")
+    _assert_one_line(capsys.readouterr().err, "--top-p")
     assert code == 2
 
 

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from conftest import PHOTOS, run_cli, subprocess_env
+from conftest import PHOTOS, ROOT, one_error_line, run_cli, subprocess_env
 FAST = ["--seq-len", "8", "--min-seq-len", "2", "--num-beams", "2", "--num-beam-groups", "1"]
 
 
@@ -46,7 +46,7 @@ def test_same_captions_as_python_api(native, capsys):
     assert [cli[str(p)] for p in PHOTOS] == [decode(t) for t in tokens]
 
 
-@pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".txt"])
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".tsv", ".txt"])
 def test_output_file_formats(native, photos, tmp_path, suffix):
     out = tmp_path / f"captions{suffix}"
     assert run_cli("caption", photos, "--pretrained", native, *FAST, "--output", out) == 0
@@ -55,9 +55,10 @@ def test_output_file_formats(native, photos, tmp_path, suffix):
         rows = [json.loads(line) for line in text.splitlines()]
         assert {r["image"] for r in rows} == {str(photos / p.name) for p in PHOTOS}
         assert all(r["caption"] for r in rows)
-    elif suffix == ".csv":
-        rows = list(csv.reader(text.splitlines()))
+    elif suffix in (".csv", ".tsv"):  # real CSV/TSV: a header, then one row per image
+        rows = list(csv.reader(text.splitlines(), delimiter="," if suffix == ".csv" else "\t"))
         assert rows[0] == ["image", "caption"] and len(rows) == 1 + len(PHOTOS)
+        assert {r[0] for r in rows[1:]} == {str(photos / p.name) for p in PHOTOS} and all(r[1] for r in rows[1:])
     else:
         assert len(text.splitlines()) == len(PHOTOS)
 
@@ -108,19 +109,64 @@ def test_seeded_sampling_is_reproducible(native, photos, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--num-beams", "5", "--num-beam-groups", "3"], "num_beams"),
-    (["--seq-len", "5", "--min-seq-len", "5"], "seq_len"),
-    (["--generation-type", "top_p", "--top-p", "1.5"], "top_p"),
+    (["--num-beams", "5", "--num-beam-groups", "3"], "--num-beams (5) must be a positive multiple of --num-beam-groups"),
+    (["--seq-len", "5", "--min-seq-len", "5"], "--seq-len (5) must be larger than --min-seq-len (5)"),
+    (["--generation-type", "top_p", "--top-p", "1.5"], "--top-p must be in (0, 1]"),
+    (["--num-beams", "1", "--num-beam-groups", "1"], "use --generation-type top_k for greedy"),
+    (["--generation-type", "greedy"], "--generation-type must be one of beam_search, top_k, top_p, not 'greedy'"),
+    # the model (coca_tiny) reads 32 tokens: a caption has at most 33, counting start and end
+    (["--seq-len", "40"], "--seq-len 40 is too long for this model, whose captions have at most 33 tokens "
+                          "(start and end included): use --seq-len <= 33"),
+    (["--seq-len", "40", "--generation-type", "top_k"], "use --seq-len <= 33\n"),
 ])
-def test_invalid_generation_settings_are_one_line(native, args, message, capsys):
+def test_invalid_generation_settings_are_one_line_in_option_spelling(native, args, message, capsys):
     assert run_cli("caption", PHOTOS[0], "--pretrained", native, *args) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and message in err and err.startswith("coca: error:")
+    err = one_error_line(capsys)
+    assert message in err and "='" not in err  # no generation_type='top_k'
+    python_names = ("generation_type", "seq_len", "num_beams", "num_beam_groups", "repetition_penalty", "top_p must")
+    assert not [name for name in python_names if name in err]
 
 
-def test_unsupported_output_type(native, tmp_path, capsys):
-    assert run_cli("caption", PHOTOS[0], "--pretrained", native, "--output", tmp_path / "c.xlsx") == 2
-    assert "unsupported output file type" in capsys.readouterr().err
+def test_seq_len_defaults_to_what_the_model_allows(tmp_path, capsys):
+    """A model reading only 16 tokens captions with seq_len 17, not the usual 30 it cannot run."""
+    import torch
+
+    from coca_cli import create_model
+    from coca_cli.checkpoint import save_native
+
+    config = json.loads((ROOT / "models" / "coca_tiny.json").read_text())
+    config["text_cfg"]["context_length"] = config["multimodal_cfg"]["context_length"] = 16
+    (tmp_path / "short.json").write_text(json.dumps(config))
+    torch.manual_seed(0)
+    model = create_model(str(tmp_path / "short.json"))
+    save_native(model, model.config, tmp_path / "short")
+    assert run_cli("caption", PHOTOS[0], "--pretrained", tmp_path / "short", "--num-beams", "2",
+                   "--num-beam-groups", "1", "--json") == 0
+    assert json.loads(capsys.readouterr().out)["image"] == str(PHOTOS[0])
+
+
+def test_progress_lines_when_stderr_is_not_a_terminal(native, photo_dir, monkeypatch, capsys):
+    """Plain lines for logs, with the time left from the time per image so far (a fake clock that
+    ticks 10 s per reading: 10 s an image)."""
+    import itertools
+
+    from coca_cli.cli import progress
+
+    ticks = itertools.count(0, 10)
+    monkeypatch.setattr(progress, "clock", staticmethod(lambda: next(ticks)))
+    monkeypatch.setattr(progress, "every_s", 20)
+    assert run_cli("caption", photo_dir, "--pretrained", native, *FAST, "--batch-size", "4") == 0
+    assert capsys.readouterr().err.splitlines() == [
+        "captioning: 2/5 (40%), 0:00:20 elapsed, 0:00:30 left",
+        "captioning: 4/5 (80%), 0:00:40 elapsed, 0:00:10 left",
+    ]
+
+
+@pytest.mark.parametrize("name", ["c.xlsx", "captions"])
+def test_unsupported_output_type(native, tmp_path, capsys, name):
+    assert run_cli("caption", PHOTOS[0], "--pretrained", native, "--output", tmp_path / name) == 2
+    assert "unsupported output file type" in one_error_line(capsys)
+    assert not (tmp_path / name).exists()
 
 
 def _write_shards(folder, photos):
@@ -182,7 +228,7 @@ def test_shards_split_over_two_processes_through_torchrun(native, tmp_path):
     assert run_cli("caption", "--data", shards, "--output", single, "--pretrained", native, *FAST) == 0
     result = subprocess.run([sys.executable, "-m", "coca_cli", "caption", "--data", str(shards), "--output", str(double),
                              "--pretrained", native, *FAST, "--gpus", "2", "--device", "cpu"],
-                            capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                            capture_output=True, text=True, cwd=tmp_path, timeout=1800,
                             env=subprocess_env())
     assert result.returncode == 0, result.stderr[-2000:]
     assert _shard_captions(double) == _shard_captions(single)

@@ -83,7 +83,7 @@ def test_zeroshot_accuracy_matches_open_clip(tiny, digits, tmp_path, capsys):
     ref, native = tiny
     out = tmp_path / "results" / "zeroshot.json"
     assert run_cli("eval", "zeroshot", "--data", digits, "--pretrained", native, "--output", out,
-                   "--batch-size", "4") == 0
+                   "--batch-size", "4", "--format", "table") == 0
     captured = capsys.readouterr()
     assert "top-1 accuracy" in captured.out and "%" in captured.out
     result = json.loads(out.read_text())
@@ -151,7 +151,7 @@ def test_retrieval_recall_matches_open_clip(tiny, pairs, tmp_path, capsys):
     ref, native = tiny
     tsv, rows = pairs
     out = tmp_path / "retrieval.json"
-    assert run_cli("eval", "retrieval", "--data", tsv, "--pretrained", native, "--output", out) == 0
+    assert run_cli("eval", "retrieval", "--data", tsv, "--pretrained", native, "--output", out, "--format", "table") == 0
     captured = capsys.readouterr()
     assert "image→text" in captured.out and "text→image" in captured.out and "R@10" in captured.out
     result = json.loads(out.read_text())
@@ -206,3 +206,27 @@ def test_retrieval_bad_files_are_one_line(tiny, tmp_path, capsys):
     fails(tsv, "line 2: empty image path or caption")
     tsv.write_bytes("filepath\ttitle\na.jpg\tcafé\n".encode("latin-1"))
     fails(tsv, "is not UTF-8")
+
+
+# -- output for pipes ----------------------------------------------------------------------------
+
+def test_results_on_a_pipe_are_json_naming_the_model_of_a_weights_folder(tiny, pairs, tmp_path, capsys):
+    """--pretrained a folder alone: the model is read from its config.json, not left null."""
+    tsv, _ = pairs
+    out = tmp_path / "r.json"
+    assert run_cli("eval", "retrieval", "--data", tsv, "--pretrained", tiny[1], "--output", out) == 0
+    line = json.loads(capsys.readouterr().out)
+    assert line == json.loads(out.read_text())
+    assert (line["model"], line["pretrained"], line["task"]) == ("coca_tiny", str(tiny[1]), "zeroshot_retrieval")
+    assert run_cli("eval", "retrieval", "--data", tsv, "--pretrained", tiny[1], "--format", "tsv") == 0
+    rows = [r.split("\t") for r in capsys.readouterr().out.splitlines()]
+    assert rows[0] == ["metric", "value"]
+    assert {k: float(v) for k, v in rows[1:]} == pytest.approx({**line["metrics"], "images": 5, "captions": 8,
+                                                               "skipped": 0})
+
+
+def test_zeroshot_on_a_pipe(tiny, digits, capsys):
+    assert run_cli("eval", "zeroshot", "--data", digits, "--pretrained", tiny[1]) == 0
+    line = json.loads(capsys.readouterr().out)
+    assert (line["model"], line["images"], line["classes"]) == ("coca_tiny", 18, 6)
+    assert set(line["metrics"]) == {"top1_zeroshot_accuracy", "top5_zeroshot_accuracy"}

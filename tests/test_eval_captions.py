@@ -33,7 +33,7 @@ def test_scores_existing_captions_by_hand(refs, tmp_path, capsys):
                                                    {"image": "images/cat.jpg", "caption": "A bird flies."}])
     out = tmp_path / "results.json"
     assert run_cli("eval", "captions", "--data", refs, "--predictions", preds, "--output", out,
-                   "--no-java-metrics") == 0
+                   "--no-java-metrics", "--format", "table") == 0
     result = json.loads(out.read_text())
     metrics = result["metrics"]
     # BLEU-1: 3 + 1 of 6 words match, no brevity penalty; ROUGE-L: 1 and 1/3; CIDEr-D: see
@@ -59,7 +59,7 @@ def test_java_metrics_are_reported(refs, tmp_path, capsys, monkeypatch):
     preds = write_jsonl(tmp_path / "p.jsonl", [{"image": "images/dog.jpg", "caption": "a dog"},
                                                {"image": "images/cat.jpg", "caption": "a cat"}])
     out = tmp_path / "r.json"
-    assert run_cli("eval", "captions", "--data", refs, "--predictions", preds, "--output", out) == 0
+    assert run_cli("eval", "captions", "--data", refs, "--predictions", preds, "--output", out, "--format", "table") == 0
     result = json.loads(out.read_text())
     assert result["metrics"]["METEOR"] == 0.25 and result["per_image"][1]["scores"]["METEOR"] == 0.25
     assert result["metrics"]["SPICE"] is None and result["unavailable"] == {"SPICE": "needs Java (test)"}
@@ -127,6 +127,15 @@ def test_bad_data_is_one_line(tmp_path, capsys):
     assert "drop --model/--pretrained" in one_error_line(capsys)
 
 
+def test_scores_on_a_pipe_are_one_json_line(refs, tmp_path, capsys):
+    preds = write_jsonl(tmp_path / "p.jsonl", [{"image": "images/dog.jpg", "caption": "a dog runs"},
+                                               {"image": "images/cat.jpg", "caption": "a cat"}])
+    assert run_cli("eval", "captions", "--data", refs, "--predictions", preds, "--no-java-metrics") == 0
+    line = json.loads(capsys.readouterr().out)
+    assert (line["task"], line["images"], line["predictions"]) == ("captioning", 2, str(preds))
+    assert line["metrics"]["ROUGE_L"] > 0 and "per_image" not in line
+
+
 def test_help_has_an_example(capsys):
     assert run_cli("eval", "captions", "--help") == 0
     out = capsys.readouterr().out
@@ -147,9 +156,10 @@ def test_captions_and_scores_a_prepared_coco_split(converted, tmp_path, capsys):
     tiny = converted("coca_tiny")[1]
     out = tmp_path / "results.json"
     assert run_cli("eval", "captions", "--data", root / "val2014.tsv", "--pretrained", tiny, *FAST,
-                   "--batch-size", "3", "--output", out, "--no-java-metrics") == 0
+                   "--batch-size", "3", "--output", out, "--no-java-metrics", "--format", "table") == 0
     result = json.loads(out.read_text())
     assert result["generation"]["num_beams"] == 2 and result["pretrained"] == str(tiny)
+    assert result["model"] == "coca_tiny"  # read from the folder's config.json
     # the same captions as the Python API, scored as score_captions scores them
     model, _, transform = create_model_and_transforms(None, pretrained=str(tiny))
     paths = [root / row["filepath"] for row in read_tsv(root / "val2014.tsv")][::5]
@@ -182,9 +192,9 @@ def test_unreadable_images_are_reported_and_the_rest_scored(converted, tmp_path,
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--num-beams", "5", "--num-beam-groups", "3"], "num_beams"),
-    (["--seq-len", "5", "--min-seq-len", "5"], "seq_len"),
-    (["--generation-type", "top_p", "--top-p", "1.5"], "top_p"),
+    (["--num-beams", "5", "--num-beam-groups", "3"], "--num-beams (5)"),
+    (["--seq-len", "5", "--min-seq-len", "5"], "--seq-len (5) must be larger than --min-seq-len (5)"),
+    (["--generation-type", "top_p", "--top-p", "1.5"], "--top-p must be"),
 ])
 def test_invalid_generation_settings_are_one_line(refs, capsys, args, message):
     # rejected before any model is looked for: the weights named here do not exist

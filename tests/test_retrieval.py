@@ -66,7 +66,7 @@ def test_image_to_text_rankings_match_open_clip(tiny, photo_dir, tmp_path, capsy
 
 def test_table_output(tiny, photo_dir, tmp_path, capsys):
     assert run_cli("retrieve", "--images", photo_dir, "--index", tmp_path / "i.pt", "--query", "a [red] car",
-                   "--top-k", "2", "--pretrained", tiny[1]) == 0
+                   "--top-k", "2", "--pretrained", tiny[1], "--format", "table") == 0
     out = capsys.readouterr().out
     assert out.startswith("a [red] car\n") and "score" in out and "│ 2 │" in out and "│ 3 │" not in out
 
@@ -228,3 +228,34 @@ def test_unreadable_images_are_reported_and_the_rest_searched(tiny, collection, 
     only_broken = collection / "broken.jpg"
     assert run_cli(*search_args(tiny[1], only_broken)) == 1
     assert capsys.readouterr().err.splitlines()[-1] == "coca: error: none of the 1 images could be read"
+
+
+# -- output for pipes and files ------------------------------------------------------------------
+
+def test_pipes_get_json_lines_and_files_take_their_format_from_the_suffix(tiny, photo_dir, tmp_path, capsys):
+    import csv
+
+    args = ["retrieve", "--images", photo_dir, "--index", tmp_path / "i.pt", "--query", "a cat", "--query", "a cup",
+            "--top-k", "3", "--pretrained", tiny[1]]
+    assert run_cli(*args) == 0  # stdout is not a terminal: JSON Lines, no table
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [row["query"] for row in rows] == ["a cat", "a cup"] and all(len(row["hits"]) == 3 for row in rows)
+    assert run_cli(*args, "--output", tmp_path / "hits.tsv") == 0
+    assert capsys.readouterr().out == ""
+    table = list(csv.DictReader((tmp_path / "hits.tsv").read_text().splitlines(), delimiter="\t"))
+    assert [(r["query"], int(r["rank"]), r["image"], float(r["score"])) for r in table] == [
+        (row["query"], hit["rank"], hit["image"], hit["score"]) for row in rows for hit in row["hits"]]
+    assert run_cli(*args, "--output", tmp_path / "hits.html") == 2
+    assert "unsupported output file type '.html'" in one_error_line(capsys)
+
+
+def test_texts_for_images_as_csv(tiny, tmp_path, capsys):
+    import csv
+
+    texts = tmp_path / "captions.txt"
+    texts.write_text("\n".join(CAPTIONS) + "\n", encoding="utf-8")
+    assert run_cli("retrieve", "--texts", texts, "--image", PHOTOS[0], "--top-k", "2", "--format", "csv",
+                   "--pretrained", tiny[1]) == 0
+    table = list(csv.reader(capsys.readouterr().out.splitlines()))
+    assert table[0] == ["image", "rank", "text", "score"] and [r[:2] for r in table[1:]] == [[str(PHOTOS[0]), "1"],
+                                                                                             [str(PHOTOS[0]), "2"]]

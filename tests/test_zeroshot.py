@@ -1,5 +1,7 @@
 """`coca classify` and the zero-shot helpers: the same probabilities as open_clip on the same weights."""
 
+import csv
+import io
 import json
 import shutil
 
@@ -118,11 +120,13 @@ def test_cli_templates_file(tiny, tmp_path, capsys):
 
 
 def test_cli_table_output(tiny, capsys):
-    assert run_cli("classify", PHOTOS[1], "--labels", "cat,[bold]dog,car", "--pretrained", tiny[1], "--top-k", "2") == 0
+    assert run_cli("classify", PHOTOS[1], "--labels", "cat,[bold]dog,car", "--pretrained", tiny[1], "--top-k", "2",
+                   "--format", "table") == 0
     out = capsys.readouterr().out
     assert out.startswith(f"{PHOTOS[1]}\n") and "probability" in out
     assert "│ 2 │" in out and "│ 3 │" not in out  # --top-k 2
-    assert run_cli("classify", PHOTOS[1], "--labels", "cat,[bold]dog,car", "--pretrained", tiny[1]) == 0
+    assert run_cli("classify", PHOTOS[1], "--labels", "cat,[bold]dog,car", "--pretrained", tiny[1],
+                   "--format", "table") == 0
     assert "[bold]dog" in capsys.readouterr().out  # labels are shown as text, never as rich markup
 
 
@@ -181,3 +185,54 @@ def test_help_shows_an_example(command, capsys):
     assert run_cli(*command, "--help") == 0
     out = capsys.readouterr().out
     assert "Example" in out and f"coca {' '.join(command)}" in out
+
+
+# -- output for pipes and files ------------------------------------------------------------------
+
+def test_pipes_get_json_lines_and_tsv_on_request(tiny, capsys):
+    """stdout is not a terminal here: JSON Lines by default, never a table."""
+    args = ["classify", *PHOTOS, "--labels", "cat,dog,tab\there", "--pretrained", tiny[1], "--top-k", "2"]
+    assert run_cli(*args) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [row["image"] for row in rows] == [str(p) for p in PHOTOS]
+    assert all(len(row["predictions"]) == 2 for row in rows)
+    assert run_cli(*args, "--format", "tsv") == 0
+    tsv = list(csv.reader(io.StringIO(capsys.readouterr().out), delimiter="\t"))
+    assert tsv[0] == ["image", "rank", "label", "probability"]
+    assert [(r[0], r[1], r[2]) for r in tsv[1:]] == [(str(row["image"]), str(rank), p["label"]) for row in rows
+                                                      for rank, p in enumerate(row["predictions"], start=1)]
+    assert run_cli(*args, "--json", "--format", "tsv") == 2
+    assert "--json means --format jsonl" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".tsv"])
+def test_output_file_by_suffix(tiny, tmp_path, capsys, suffix):
+    out = tmp_path / "results" / f"labels{suffix}"
+    assert run_cli("classify", *PHOTOS, "--labels", "cat,dog", "--pretrained", tiny[1], "--output", out) == 0
+    assert capsys.readouterr().out == ""
+    assert run_cli("classify", *PHOTOS, "--labels", "cat,dog", "--pretrained", tiny[1], "--json") == 0
+    expected = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    if suffix == ".jsonl":
+        assert [json.loads(line) for line in out.read_text().splitlines()] == expected
+    else:
+        rows = list(csv.DictReader(io.StringIO(out.read_text()), delimiter="," if suffix == ".csv" else "\t"))
+        assert [(r["image"], r["rank"], r["label"]) for r in rows] == [
+            (e["image"], str(rank), p["label"]) for e in expected for rank, p in enumerate(e["predictions"], start=1)]
+        assert [float(r["probability"]) for r in rows] == [p["probability"] for e in expected for p in e["predictions"]]
+
+
+@pytest.mark.parametrize("name", ["labels.txt", "labels.xlsx", "labels"])
+def test_unknown_output_suffix_is_a_usage_error(tiny, tmp_path, capsys, name):
+    assert run_cli("classify", PHOTOS[0], "--labels", "cat,dog", "--pretrained", tiny[1], "--output",
+                   tmp_path / name) == 2
+    assert "unsupported output file type" in one_error_line(capsys) and not (tmp_path / name).exists()
+
+
+def test_progress_lines_in_logs(tiny, photo_dir, monkeypatch, capsys):
+    from coca_cli.cli import progress
+
+    monkeypatch.setattr(progress, "every_s", 0)  # a line per batch
+    assert run_cli("classify", photo_dir, "--labels", "cat,dog", "--pretrained", tiny[1], "--batch-size", "2") == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(",")[0] for line in lines] == ["embedding images: 2/5 (40%)", "embedding images: 4/5 (80%)",
+                                                      "embedding images: 5/5 (100%)"]

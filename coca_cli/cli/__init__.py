@@ -7,13 +7,17 @@ import os
 import signal
 import sys
 import threading
+import time
 from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn
+from rich.text import Text
 
 from .. import __version__
 from ..errors import CocaError, Terminated
+from .options import Format
 
 
 class _Commands(typer.core.TyperGroup):
@@ -52,16 +56,39 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 
 def pick_device(device: str) -> str:
-    """'auto' means the fastest present: CUDA, then Apple MPS, then CPU."""
+    """'auto' means the fastest present: CUDA, then Apple MPS, then CPU. Asking for a device this
+    machine lacks is a usage error here, not a driver error later."""
     import torch
 
-    if device != "auto":
-        return device
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+    mps = getattr(torch.backends, "mps", None)
+    has_mps = mps is not None and mps.is_available()
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
+    try:
+        kind = torch.device(device)
+    except RuntimeError:
+        raise CocaError(f"unknown --device '{device}' (choose auto, cpu, cuda, cuda:N or mps)") from None
+    if kind.type == "cuda" and not torch.cuda.is_available():
+        raise CocaError(f"--device {device}: no CUDA GPU is available on this machine (use --device cpu or auto)")
+    if kind.type == "cuda" and kind.index is not None and kind.index >= torch.cuda.device_count():
+        raise CocaError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                        f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if kind.type == "mps" and not has_mps:
+        raise CocaError(f"--device {device}: Apple's MPS backend is not available on this machine "
+                        "(use --device cpu or auto)")
+    return device
+
+
+def stdout_format(requested: Optional[Format], as_json: bool = False) -> str:
+    """Tables for people, lines for programs: a table on a terminal, JSON Lines in a pipe or file,
+    unless --format (or --json, the same as --format jsonl) says otherwise."""
+    if as_json and requested not in (None, Format.jsonl):
+        raise CocaError(f"--json means --format jsonl: give one of them, not --format {requested.value} too")
+    if as_json:
+        return Format.jsonl.value
+    if requested is not None:
+        return requested.value
+    return Format.table.value if sys.stdout.isatty() else Format.jsonl.value
 
 
 def command_line(ctx: typer.Context, drop: tuple = ()) -> list[str]:
@@ -82,22 +109,65 @@ def command_line(ctx: typer.Context, drop: tuple = ()) -> list[str]:
 
 
 class progress:
-    """A rich progress bar on stderr (hidden when stderr is not a terminal)."""
+    """Progress on stderr: a rich bar on a terminal; elsewhere (a log file, a pipe, a batch job) a
+    plain line every ``every_s`` seconds. Time left is the time per item measured so far times the
+    items left, so a slow first batch (model warm-up) does not make the estimate wildly short.
+
+    ``with progress(total, label) as advance:`` then ``advance(n)`` after each n items.
+    """
+
+    every_s = 30.0  # between plain lines; 0 prints one per update
+    clock = staticmethod(time.monotonic)
 
     def __init__(self, total: int, label: str):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.progress = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                                 console=err_console, transient=True, disable=not err_console.is_terminal,
-                                 redirect_stdout=False, redirect_stderr=False)  # results on stdout stay there
-        self.task = self.progress.add_task(label, total=total)
+        self.total, self.label, self.done = total, label, 0
+        self.bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), _TimeLeft(self),
+                            console=err_console, transient=True, redirect_stdout=False,
+                            redirect_stderr=False) if err_console.is_terminal else None  # stdout stays results
+        if self.bar is not None:
+            self.task = self.bar.add_task(label, total=total)
 
     def __enter__(self):
-        self.progress.start()
-        return lambda: self.progress.advance(self.task)
+        self.started = self.last_line = self.clock()
+        if self.bar is not None:
+            self.bar.start()
+        return self.advance
 
     def __exit__(self, *exc):
-        self.progress.stop()
+        if self.bar is not None:
+            self.bar.stop()
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.advance(self.task, n)
+            return
+        now = self.clock()
+        if now - self.last_line >= self.every_s:
+            self.last_line = now
+            err_console.print(f"{self.label}: {self.done}/{self.total} ({100 * self.done // max(self.total, 1)}%), "
+                              f"{_clock(now - self.started)} elapsed, {self.time_left(now)} left")
+
+    def time_left(self, now: float) -> str:
+        if not self.done:
+            return "-:--:--"
+        return _clock((now - self.started) / self.done * (self.total - self.done))
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
+
+
+class _TimeLeft(ProgressColumn):
+    """The bar's ETA from :meth:`progress.time_left` (rich's own extrapolates its latest samples)."""
+
+    def __init__(self, owner: progress):
+        super().__init__()
+        self.owner = owner
+
+    def render(self, task) -> Text:
+        return Text(self.owner.time_left(self.owner.clock()), style="progress.remaining")
 
 
 def main(argv: Optional[list[str]] = None) -> int:

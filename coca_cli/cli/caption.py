@@ -11,7 +11,8 @@ from ..errors import CocaError
 from . import app, command_line, err_console, pick_device, progress
 from .options import (BatchSizeOption, CaptionPretrainedOption, DeviceOption, GenerationTypeOption, MinSeqLenOption,
                       ModelOption, NumBeamGroupsOption, NumBeamsOption, PrecisionOption, RepetitionPenaltyOption,
-                      SeedOption, SeqLenOption, TemperatureOption, TopKOption, TopPOption, WorkersOption)
+                      SeedOption, SeqLenOption, TemperatureOption, TopKOption, TopPOption, WorkersOption,
+                      generation_option)
 
 
 @app.command("caption")
@@ -28,12 +29,12 @@ def caption_command(
     precision: PrecisionOption = "fp32",
     batch_size: BatchSizeOption = 8,
     workers: WorkersOption = 0,
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write to FILE (.jsonl, .csv or .txt); "
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write to FILE (.jsonl, .csv, .tsv or .txt); "
                                           "with --data, a folder."),
     as_json: bool = typer.Option(False, "--json", help="JSON Lines on stdout instead of path<TAB>caption."),
     resume: bool = typer.Option(False, help="Skip images already in --output (shards are always resumed)."),
     generation_type: GenerationTypeOption = "beam_search",
-    seq_len: SeqLenOption = 30,
+    seq_len: SeqLenOption = None,
     min_seq_len: MinSeqLenOption = 5,
     num_beams: NumBeamsOption = 6,
     num_beam_groups: NumBeamGroupsOption = 3,
@@ -51,20 +52,25 @@ def caption_command(
       coca caption photos/ --output captions.jsonl --resume
       coca caption --data shards/ --output captions/ --gpus 8
     """
+    if data is not None and inputs:
+        raise CocaError("give image files or --data shards, not both")
+    if data is None and not inputs:
+        raise CocaError("give image files, folders or globs to caption (or --data shards)")
+    from ..inputs import collect_images
+
+    paths = collect_images(inputs) if inputs else []  # before torch is imported: a typo is reported at once
     from ..generation import validate_options
     from ..pretrained import DEFAULT_CAPTION_MODEL, DEFAULT_CAPTION_PRETRAINED
 
     generation = dict(generation_type=generation_type, seq_len=seq_len, min_seq_len=min_seq_len, num_beams=num_beams,
                       num_beam_groups=num_beam_groups, top_k=top_k, top_p=top_p, temperature=temperature,
                       repetition_penalty=repetition_penalty)
-    validate_options(**generation)
+    validate_options(spell=generation_option, **generation)
     if pretrained is None:
         pretrained = DEFAULT_CAPTION_PRETRAINED
         model = model or DEFAULT_CAPTION_MODEL
     load = dict(model_name=model, pretrained=pretrained, precision=precision)
     if data is not None:
-        if inputs:
-            raise CocaError("give image files or --data shards, not both")
         if output is None:
             raise CocaError("--data needs --output DIR: one .jsonl file per shard is written there")
         from ..distributed import default_processes, launched, relaunch
@@ -73,33 +79,31 @@ def caption_command(
         if nproc > 1 and not launched():
             return relaunch(command_line(ctx, drop=("gpus",)), nproc)
         return _caption_shards(data, output, device, batch_size, seed, load, generation)
-    if not inputs:
-        raise CocaError("give image files, folders or globs to caption (or --data shards)")
-    return _caption_files(inputs, output, as_json, resume, device, batch_size, workers, seed, load, generation)
+    return _caption_files(paths, output, as_json, resume, device, batch_size, workers, seed, load, generation)
 
 
-def _load(device: str, seed: Optional[int], load: dict):
+def _load(device: str, seed: Optional[int], load: dict, generation: dict):
+    """(model, transform, seeded generator or None, the generation settings fitted to the model)."""
     import torch
 
     from ..factory import create_model_and_transforms
+    from ..generation import fit_to_model
 
     net, _, transform = create_model_and_transforms(device=device, **load)
     generator = torch.Generator(device=next(net.parameters()).device).manual_seed(seed) if seed is not None else None
-    return net, transform, generator
+    return net, transform, generator, fit_to_model(net, generation, spell=generation_option)
 
 
-def _caption_files(inputs, output, as_json, resume, device, batch_size, workers, seed, load, generation):
+def _caption_files(paths, output, as_json, resume, device, batch_size, workers, seed, load, generation):
     from ..captioning import CaptionWriter, caption_images
-    from ..images import collect_images
 
-    paths = collect_images(inputs)
     writer = CaptionWriter(output, as_json=as_json, resume=resume)
     todo = [p for p in paths if str(p) not in writer.done]
     if not todo:
         writer.close()
         err_console.print(f"all {len(paths)} images are already captioned in {output}")
         return
-    net, transform, generator = _load(pick_device(device), seed, load)
+    net, transform, generator, generation = _load(pick_device(device), seed, load, generation)
     failed = 0
     with writer, progress(len(todo), "captioning") as advance:
         for path, caption, reason in caption_images(net, transform, todo, batch_size, workers, generator=generator,
@@ -129,7 +133,8 @@ def _caption_shards(data, output, device, batch_size, seed, load, generation):
         err_console.print(f"all {len(shards)} shards are already captioned in {output}")
         return
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    net, transform, generator = _load(resolve_device(device, local_rank, world_size > 1), seed, load)
+    net, transform, generator, generation = _load(resolve_device(device, local_rank, world_size > 1), seed, load,
+                                                  generation)
     for shard in todo:
         report = caption_shard(net, transform, shard, output, batch_size, generator=generator, **generation)
         skipped = ", ".join(f"{n} {why}" for why, n in report.skipped.items())

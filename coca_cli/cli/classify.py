@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence
+from typing import Any, Callable, Iterator, List, Optional, Sequence
 
 import typer
 from rich.console import Console
@@ -13,9 +13,9 @@ from rich.table import Table
 from rich.text import Text
 
 from ..errors import CocaError
-from . import app, err_console, pick_device, progress
-from .options import (BatchSizeOption, ContrastivePretrainedOption, DeviceOption, ModelOption, PrecisionOption,
-                      TemplatesOption, WorkersOption)
+from . import app, err_console, pick_device, progress, stdout_format
+from .options import (BatchSizeOption, ContrastivePretrainedOption, DeviceOption, FormatOption, ModelOption,
+                      PrecisionOption, ResultsFileOption, TemplatesOption, WorkersOption)
 
 # -- shared by classify, retrieve and eval ------------------------------------------------------
 
@@ -48,8 +48,7 @@ def embed_batches(net, transform, paths: Sequence[Path], batch_size: int, worker
         for batch in iter_image_features(net, transform, paths, batch_size, workers):
             for path, reason in batch.failures:
                 err_console.print(f"skipped {path}: {reason}")
-            for _ in range(len(batch.paths) + len(batch.failures)):
-                advance()
+            advance(len(batch.paths) + len(batch.failures))
             yield batch
 
 
@@ -79,6 +78,30 @@ def labels_from(labels: Optional[str], labels_file: Optional[Path]) -> list[str]
     return check_classnames([name.strip() for name in labels.split(",") if name.strip()])
 
 
+@contextmanager
+def result_sink(output: Optional[Path], fmt: str, columns: Sequence[str],
+                show: Callable[[Console, Any], None]) -> Iterator[Callable[[Any], None]]:
+    """Where each result (with ``to_json()`` and ``rows()``) goes as it comes: ``show`` draws it as a
+    table on stdout when ``fmt`` is table, else it is a JSON Lines/CSV/TSV record on stdout or in
+    ``output``."""
+    from ..output import open_records
+
+    if output is None and fmt == "table":
+        console = Console(file=sys.stdout)
+        yield lambda result: show(console, result)
+        return
+    with open_records(output, fmt, columns) as records:
+        yield lambda result: records.write(result.to_json(), result.rows())
+
+
+def check_output_file(output: Optional[Path]) -> None:
+    """An --output suffix we cannot write is a usage error before any model loads."""
+    from ..output import file_format
+
+    if output is not None:
+        file_format(output)
+
+
 # -- coca classify -------------------------------------------------------------------------------
 
 
@@ -89,7 +112,9 @@ def classify_command(
     labels_file: Optional[Path] = typer.Option(None, "--labels-file", help="UTF-8 file, one class name a line."),
     templates: TemplatesOption = "default",
     top_k: int = typer.Option(5, "--top-k", "-k", min=1, help="Labels shown per image."),
-    as_json: bool = typer.Option(False, "--json", help="JSON Lines on stdout, one object per image, not tables."),
+    output_format: FormatOption = None,
+    as_json: bool = typer.Option(False, "--json", help="Same as --format jsonl: one object per image."),
+    output: ResultsFileOption = None,
     model: ModelOption = None,
     pretrained: ContrastivePretrainedOption = None,
     device: DeviceOption = "auto",
@@ -101,39 +126,34 @@ def classify_command(
 
     \b
     Example: coca classify photos/ --labels dog,cat,car
-             coca classify img.jpg --labels-file classes.txt --templates imagenet --json
+             coca classify img.jpg --labels-file classes.txt --templates imagenet --output labels.csv
     """
-    from ..images import collect_images
+    from ..inputs import collect_images
+
+    paths = collect_images(inputs)  # before torch is imported: a typo is reported at once
+    fmt = stdout_format(output_format, as_json)
+    check_output_file(output)
     from ..templates import load_templates
-    from ..zeroshot import build_classifier, classify, top_labels
+    from ..zeroshot import Classification, build_classifier, classify, top_labels
 
     names = labels_from(labels, labels_file)
     prompts = load_templates(templates)
-    paths = collect_images(inputs)
     net, transform, tokenizer = load_contrastive(model, pretrained, device, precision)
     classifier = build_classifier(net, tokenizer, names, prompts)
-    # Bound before the progress bar starts: on a terminal it swaps sys.stdout for a proxy that
-    # prints on stderr, which would send results meant for `> file` to the screen instead.
-    stdout = sys.stdout
-    console = Console(file=stdout)
     skipped = 0
-    for batch in embed_batches(net, transform, paths, batch_size, workers):
-        skipped += len(batch.failures)
-        if batch.features is None:
-            continue
-        for path, best in zip(batch.paths, top_labels(classify(net, batch.features, classifier), names, top_k)):
-            if as_json:
-                predictions = [{"label": label, "probability": p} for label, p in best]
-                print(json.dumps({"image": str(path), "predictions": predictions}, ensure_ascii=False), file=stdout,
-                      flush=True)
-            else:
-                console.print(Text(str(path), style="bold"), soft_wrap=True)
-                console.print(_table(best))
+    with result_sink(output, fmt, Classification.COLUMNS, _show) as emit:
+        for batch in embed_batches(net, transform, paths, batch_size, workers):
+            skipped += len(batch.failures)
+            if batch.features is None:
+                continue
+            for path, best in zip(batch.paths, top_labels(classify(net, batch.features, classifier), names, top_k)):
+                emit(Classification(str(path), best))
     fail_if_skipped(skipped, len(paths))
 
 
-def _table(best: list[tuple[str, float]]) -> Table:
+def _show(console: Console, result) -> None:
+    console.print(Text(result.image, style="bold"), soft_wrap=True)
     table = Table("#", "label", "probability")
-    for rank, (label, p) in enumerate(best, start=1):
+    for rank, (label, p) in enumerate(result.labels, start=1):
         table.add_row(str(rank), Text(label), f"{p:.4f}")
-    return table
+    console.print(table)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -12,12 +11,12 @@ from rich.table import Table
 from rich.text import Text
 
 from ..errors import CocaError
-from . import err_console, pick_device, progress
-from .evaluate import eval_app
-from .options import (BatchSizeOption, CaptionPretrainedOption, DeviceOption, GenerationTypeOption, MinSeqLenOption,
-                      ModelOption, NumBeamGroupsOption, NumBeamsOption, PrecisionOption, RepetitionPenaltyOption,
-                      SeedOption, SeparatorOption, SeqLenOption, TemperatureOption, TopKOption, TopPOption,
-                      WorkersOption)
+from . import err_console, pick_device, progress, stdout_format
+from .evaluate import eval_app, print_record, write_json
+from .options import (BatchSizeOption, CaptionPretrainedOption, DeviceOption, FormatOption, GenerationTypeOption,
+                      MinSeqLenOption, ModelOption, NumBeamGroupsOption, NumBeamsOption, PrecisionOption,
+                      RepetitionPenaltyOption, SeedOption, SeparatorOption, SeqLenOption, TemperatureOption, TopKOption,
+                      TopPOption, WorkersOption, generation_option)
 
 
 def captions_command(
@@ -28,6 +27,7 @@ def captions_command(
                                                "the .csv/.txt that coca caption --output writes). No model."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Also write the results, with every "
                                           "image's caption, references and scores, to FILE as JSON."),
+    output_format: FormatOption = None,
     img_key: str = typer.Option("filepath", "--img-key", help="Column holding the image paths."),
     caption_key: str = typer.Option("title", "--caption-key", help="Column holding the captions."),
     separator: SeparatorOption = None,
@@ -42,7 +42,7 @@ def captions_command(
     batch_size: BatchSizeOption = 8,
     workers: WorkersOption = 0,
     generation_type: GenerationTypeOption = "beam_search",
-    seq_len: SeqLenOption = 30,
+    seq_len: SeqLenOption = None,
     min_seq_len: MinSeqLenOption = 5,
     num_beams: NumBeamsOption = 6,
     num_beam_groups: NumBeamGroupsOption = 3,
@@ -65,6 +65,7 @@ def captions_command(
 
     if predictions is not None and (pretrained is not None or model is not None):
         raise CocaError("--predictions scores existing captions: drop --model/--pretrained")
+    fmt = stdout_format(output_format)
     references = read_references(data, img_key, caption_key, separator)
     references = references.first(limit)
     failed = 0
@@ -81,35 +82,35 @@ def captions_command(
         generation = dict(generation_type=generation_type, seq_len=seq_len, min_seq_len=min_seq_len,
                           num_beams=num_beams, num_beam_groups=num_beam_groups, top_k=top_k, top_p=top_p,
                           temperature=temperature, repetition_penalty=repetition_penalty)
-        validate_options(**generation)  # before the model loads: a ValueError is a one-line usage error
+        validate_options(spell=generation_option, **generation)  # before the model loads
         if pretrained is None:
             from ..pretrained import DEFAULT_CAPTION_MODEL, DEFAULT_CAPTION_PRETRAINED
 
             model, pretrained = model or DEFAULT_CAPTION_MODEL, DEFAULT_CAPTION_PRETRAINED
-        captions, failed = _generate(references, model, pretrained, device, precision, batch_size, workers, seed,
-                                     generation)
+        captions, failed, model, generation = _generate(references, model, pretrained, device, precision,
+                                                        batch_size, workers, seed, generation)
     missing = len([p for p in references.images if p not in captions]) if predictions is not None else 0
     result = evaluate_captions(references, captions, java=java_metrics)
 
-    table = Table("metric", "score (x100)")
-    for name, value in metric_rows(result["metrics"]):
-        table.add_row(name, value)
-    console = Console()
-    console.print(Text(f"captioning: {data} ({len(result['per_image'])} images)", style="bold"), soft_wrap=True)
-    console.print(table)
-    for name, reason in result["unavailable"].items():
-        console.print(f"{name} unavailable: {reason}")
+    summary = {"dataset": str(data), "task": "captioning", "model": model, "pretrained": pretrained,
+               "predictions": str(predictions) if predictions is not None else None, "generation": generation,
+               "images": len(result["per_image"]), "metrics": result["metrics"], "unavailable": result["unavailable"]}
+    if fmt == "table":
+        table = Table("metric", "score (x100)")
+        for name, value in metric_rows(result["metrics"]):
+            table.add_row(name, value)
+        console = Console()
+        console.print(Text(f"captioning: {data} ({len(result['per_image'])} images)", style="bold"), soft_wrap=True)
+        console.print(table)
+        for name, reason in result["unavailable"].items():
+            console.print(f"{name} unavailable: {reason}")
+    else:
+        print_record(fmt, summary, [*result["metrics"].items(), ("images", summary["images"])])
     if len(result["per_image"]) == 1:
         err_console.print("note: CIDEr weighs n-grams by how rare they are among the images scored; with one image "
                           "it is always 0")
     if output is not None:
-        report = {"dataset": str(data), "task": "captioning", "model": model, "pretrained": pretrained,
-                  "predictions": str(predictions) if predictions is not None else None, "generation": generation,
-                  "images": len(result["per_image"]), "metrics": result["metrics"],
-                  "unavailable": result["unavailable"], "per_image": result["per_image"]}
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        err_console.print(f"wrote {output}")
+        write_json(output, {**summary, "per_image": result["per_image"]})
     if failed:
         raise CocaError(f"{failed} of {len(references.images)} images could not be captioned", exit_code=1)
     if missing:
@@ -118,13 +119,15 @@ def captions_command(
 
 
 def _generate(references, model, pretrained, device, precision, batch_size, workers, seed, generation):
-    """({image: caption}, number of images that could not be read)."""
+    """({image: caption}, number of images that could not be read, model name, settings used)."""
     import torch
 
     from ..captioning import caption_images
     from ..factory import create_model_and_transforms
+    from ..generation import fit_to_model
 
     net, _, transform = create_model_and_transforms(model, pretrained, precision=precision, device=pick_device(device))
+    generation = fit_to_model(net, generation, spell=generation_option)
     generator = torch.Generator(device=next(net.parameters()).device).manual_seed(seed) if seed is not None else None
     captions, failed = {}, 0
     with progress(len(references.images), "captioning") as advance:
@@ -138,7 +141,7 @@ def _generate(references, model, pretrained, device, precision, batch_size, work
             advance()
     if not captions:
         raise CocaError(f"none of the {len(references.images)} images could be captioned", exit_code=1)
-    return captions, failed
+    return captions, failed, net.config.name, generation
 
 
 eval_app.command("captions")(captions_command)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -11,10 +12,10 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from . import app, err_console
+from . import app, err_console, stdout_format
 from .classify import embed_batches, fail_if_skipped, load_contrastive, require_features, with_defaults
-from .options import (BatchSizeOption, ContrastivePretrainedOption, DeviceOption, ModelOption, PrecisionOption,
-                      SeparatorOption, TemplatesOption, WorkersOption)
+from .options import (BatchSizeOption, ContrastivePretrainedOption, DeviceOption, FormatOption, ModelOption,
+                      PrecisionOption, SeparatorOption, TemplatesOption, WorkersOption)
 
 eval_app = typer.Typer(
     no_args_is_help=True,
@@ -25,6 +26,7 @@ eval_app = typer.Typer(
 app.add_typer(eval_app, name="eval")
 
 OutputOption = typer.Option(None, "--output", "-o", help="Also write the results to FILE as JSON.")
+METRIC_COLUMNS = ("metric", "value")
 
 
 @eval_app.command("zeroshot")
@@ -33,6 +35,7 @@ def zeroshot_command(
                               "subfolder names are the class names (_ read as a space)."),
     templates: TemplatesOption = "default",
     output: Optional[Path] = OutputOption,
+    output_format: FormatOption = None,
     model: ModelOption = None,
     pretrained: ContrastivePretrainedOption = None,
     device: DeviceOption = "auto",
@@ -45,6 +48,7 @@ def zeroshot_command(
     \b
     Example: coca eval zeroshot --data imagenet/val --templates imagenet --output results.json
     """
+    fmt = stdout_format(output_format)
     from ..retrieval import ImageFeatures
     from ..templates import load_templates
     from ..zeroshot import build_classifier, read_image_folder, zeroshot_accuracy
@@ -60,8 +64,9 @@ def zeroshot_command(
     table = Table("images", "classes", "top-1 accuracy", "top-5 accuracy")
     table.add_row(str(len(found.paths)), str(len(folder.classnames)),
                   *(_percent(metrics[f"top{k}_zeroshot_accuracy"]) for k in (1, 5)))
-    _report(f"zero-shot classification: {data}", table, "zeroshot_classification", data, model, pretrained, metrics,
-            output, images=len(found.paths), classes=len(folder.classnames), skipped=len(found.failures))
+    result = _result("zeroshot_classification", data, net, pretrained, metrics, images=len(found.paths),
+                     classes=len(folder.classnames), skipped=len(found.failures))
+    _report(f"zero-shot classification: {data}", table, fmt, result, output)
     fail_if_skipped(len(found.failures), len(folder.paths))
 
 
@@ -73,6 +78,7 @@ def retrieval_command(
     caption_key: str = typer.Option("title", "--caption-key", help="Column holding the captions."),
     separator: SeparatorOption = None,
     output: Optional[Path] = OutputOption,
+    output_format: FormatOption = None,
     model: ModelOption = None,
     pretrained: ContrastivePretrainedOption = None,
     device: DeviceOption = "auto",
@@ -88,6 +94,7 @@ def retrieval_command(
     \b
     Example: coca eval retrieval --data pairs.tsv --output results.json
     """
+    fmt = stdout_format(output_format)
     from ..retrieval import ImageFeatures, embed_texts, read_pairs, retrieval_recall
 
     pairs = read_pairs(data, img_key, caption_key, separator)
@@ -101,9 +108,10 @@ def retrieval_command(
     table = Table("direction", "R@1", "R@5", "R@10")
     for direction, name in (("image→text", "text_retrieval"), ("text→image", "image_retrieval")):
         table.add_row(direction, *(_percent(metrics[f"{name}_recall@{k}"]) for k in (1, 5, 10)))
-    _report(f"retrieval: {data} ({len(pairs.images)} images, {len(pairs.captions)} captions)", table,
-            "zeroshot_retrieval", data, model, pretrained, metrics, output,
-            images=len(pairs.images), captions=len(pairs.captions), skipped=len(found.failures))
+    result = _result("zeroshot_retrieval", data, net, pretrained, metrics, images=len(pairs.images),
+                     captions=len(pairs.captions), skipped=len(found.failures))
+    _report(f"retrieval: {data} ({len(pairs.images)} images, {len(pairs.captions)} captions)", table, fmt, result,
+            output)
     fail_if_skipped(len(found.failures), len(found.paths) + len(found.failures))
 
 
@@ -111,17 +119,35 @@ def _percent(value: Optional[float]) -> str:
     return "n/a" if value is None else f"{100 * value:.2f}%"
 
 
-def _report(heading: str, table: Table, task: str, data: Path, model: Optional[str], pretrained: Optional[str],
-            metrics: dict, output: Optional[Path], **counts) -> None:
-    """The table on stdout; with --output, the same results as JSON in CLIP_benchmark's layout."""
-    console = Console()
-    console.print(Text(heading, style="bold"), soft_wrap=True)
-    console.print(table)
-    if output is None:
-        return
-    model, pretrained = with_defaults(model, pretrained)
-    result = {"dataset": str(data), "model": model, "pretrained": pretrained, "task": task, "metrics": metrics,
-              **counts}
+def _result(task: str, data: Path, net, pretrained: Optional[str], metrics: dict, **counts) -> dict:
+    """CLIP_benchmark's result layout. The model is named by its config, so a weights folder or
+    checkpoint given alone still says which model it holds."""
+    return {"dataset": str(data), "model": net.config.name, "pretrained": with_defaults(None, pretrained)[1],
+            "task": task, "metrics": metrics, **counts}
+
+
+def _report(heading: str, table: Table, fmt: str, result: dict, output: Optional[Path]) -> None:
+    """The table to a terminal, else ``result`` as one JSON line (or metric/value rows); with
+    --output, ``result`` as a JSON file too."""
+    if fmt == "table":
+        console = Console()
+        console.print(Text(heading, style="bold"), soft_wrap=True)
+        console.print(table)
+    else:
+        counts = [(key, value) for key, value in result.items() if isinstance(value, int)]  # images, skipped, ...
+        print_record(fmt, result, [*result["metrics"].items(), *counts])
+    if output is not None:
+        write_json(output, result)
+
+
+def print_record(fmt: str, record: dict, rows: list) -> None:
+    """One result on stdout: a JSON line, or metric/value rows as CSV/TSV."""
+    from ..output import RecordWriter
+
+    RecordWriter(sys.stdout, fmt, METRIC_COLUMNS).write(record, rows)
+
+
+def write_json(output: Path, result: dict) -> None:
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     err_console.print(f"wrote {output}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import List, Optional
 
@@ -12,10 +11,11 @@ from rich.table import Table
 from rich.text import Text
 
 from ..errors import CocaError
-from . import app, err_console
-from .classify import embed_batches, fail_if_skipped, load_contrastive, require_features
-from .options import (BatchSizeOption, ContrastivePretrainedOption, DeviceOption, ModelOption, PrecisionOption,
-                      WorkersOption)
+from . import app, err_console, stdout_format
+from .classify import (check_output_file, embed_batches, fail_if_skipped, load_contrastive, require_features,
+                       result_sink)
+from .options import (BatchSizeOption, ContrastivePretrainedOption, DeviceOption, FormatOption, ModelOption,
+                      PrecisionOption, ResultsFileOption, WorkersOption)
 
 USAGE = "search images with --images DIR --query TEXT, or texts with --texts FILE --image IMAGE"
 
@@ -31,7 +31,9 @@ def retrieve_command(
     top_k: int = typer.Option(5, "--top-k", "-k", min=1, help="Hits per query."),
     index: Optional[Path] = typer.Option(None, "--index", help="Embedding index of the --images collection "
                                          "[default: .coca-index.pt inside the --images folder; none for files]"),
-    as_json: bool = typer.Option(False, "--json", help="JSON Lines on stdout, one object per query, not tables."),
+    output_format: FormatOption = None,
+    as_json: bool = typer.Option(False, "--json", help="Same as --format jsonl: one object per query."),
+    output: ResultsFileOption = None,
     html: Optional[Path] = typer.Option(None, "--html", help="Also write an HTML page with thumbnails and scores."),
     model: ModelOption = None,
     pretrained: ContrastivePretrainedOption = None,
@@ -47,39 +49,42 @@ def retrieve_command(
 
     \b
     Example: coca retrieve --images photos/ --query "a red car" --top-k 5
-             coca retrieve --texts captions.txt --image q.jpg --json
+             coca retrieve --texts captions.txt --image q.jpg --output hits.tsv
     """
-    from ..retrieval import write_html
-
     if bool(images) == bool(texts) or bool(images) != bool(query) or bool(texts) != bool(image):
         raise CocaError(USAGE)
     if index is not None and not images:
         raise CocaError("--index belongs to an --images collection")
+    from ..inputs import collect_images
+
+    from ..templates import read_lines
+
+    paths = collect_images(images or image)  # before torch is imported: a typo is reported at once
+    candidates = read_lines(texts, "texts file") if texts else None
+    fmt = stdout_format(output_format, as_json)
+    check_output_file(output)
+    from ..retrieval import write_html
+
     options = dict(model=model, pretrained=pretrained, device=device, precision=precision, batch_size=batch_size,
                    workers=workers)
     if images:
-        rankings, skipped, total = _images_for_texts(images, query, index, top_k, **options)
+        rankings, skipped = _images_for_texts(images, paths, query, index, top_k, **options)
     else:
-        rankings, skipped, total = _texts_for_images(texts, image, top_k, **options)
-    console = Console()
-    for ranking in rankings:
-        if as_json:
-            print(json.dumps(ranking.to_json(), ensure_ascii=False), flush=True)
-        else:
-            console.print(Text(ranking.query, style="bold"), soft_wrap=True)
-            console.print(_table(ranking))
+        rankings, skipped = _texts_for_images(candidates, paths, top_k, **options)
+    with result_sink(output, fmt, rankings[0].columns, _show) as emit:
+        for ranking in rankings:
+            emit(ranking)
     if html is not None:
         write_html(html, rankings)
         err_console.print(f"wrote {html}")
-    fail_if_skipped(skipped, total)
+    fail_if_skipped(skipped, len(paths))
 
 
-def _images_for_texts(images, queries, index, top_k, model, pretrained, device, precision, batch_size, workers):
+def _images_for_texts(images, paths, queries, index, top_k, model, pretrained, device, precision, batch_size,
+                      workers):
     """Text→image: embed what the index lacks, then rank the whole collection for each query."""
-    from ..images import collect_images
     from ..retrieval import ImageIndex, embed_texts, model_fingerprint, search
 
-    paths = collect_images(images)
     net, transform, tokenizer = load_contrastive(model, pretrained, device, precision)
     store = ImageIndex(index or _default_index(images), model_fingerprint(net))
     skipped = 0
@@ -95,7 +100,7 @@ def _images_for_texts(images, queries, index, top_k, model, pretrained, device, 
     require_features(found, len(paths))
     query_features = embed_texts(net, tokenizer, queries)
     rankings = search(queries, query_features, [str(p) for p in found.paths], found.features, top_k)
-    return rankings, skipped, len(paths)
+    return rankings, skipped
 
 
 def _default_index(images: List[str]) -> Optional[Path]:
@@ -116,25 +121,22 @@ def _save(store) -> None:
     err_console.print(f"embedded {store.embedded} new images, reused {store.reused}, removed {store.removed}{where}")
 
 
-def _texts_for_images(texts, images, top_k, model, pretrained, device, precision, batch_size, workers):
+def _texts_for_images(candidates, paths, top_k, model, pretrained, device, precision, batch_size, workers):
     """Image→text: every candidate text is embedded once, then ranked for each query image."""
-    from ..images import collect_images
     from ..retrieval import ImageFeatures, embed_texts, search
-    from ..templates import read_lines
 
-    candidates = read_lines(texts, "texts file")
-    paths = collect_images(images)
     net, transform, tokenizer = load_contrastive(model, pretrained, device, precision)
     candidate_features = embed_texts(net, tokenizer, candidates)
     found = ImageFeatures.concat(embed_batches(net, transform, paths, batch_size, workers))
     require_features(found, len(paths))
     rankings = search([str(p) for p in found.paths], found.features, candidates, candidate_features, top_k,
                       query_is_image=True)
-    return rankings, len(found.failures), len(paths)
+    return rankings, len(found.failures)
 
 
-def _table(ranking) -> Table:
+def _show(console: Console, ranking) -> None:
+    console.print(Text(ranking.query, style="bold"), soft_wrap=True)
     table = Table("#", "score", "text" if ranking.query_is_image else "image")
     for hit in ranking.hits:
         table.add_row(str(hit.rank), f"{hit.score:.4f}", Text(hit.item))
-    return table
+    console.print(table)
