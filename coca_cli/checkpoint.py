@@ -2,8 +2,9 @@
 
 Native weights are a directory with ``model.safetensors`` and ``config.json``. open_clip
 checkpoints (``.pt``/``.bin`` pickles, training checkpoints with ``state_dict`` and
-``module.`` prefixes, ``.safetensors``, hub folders with ``open_clip_config.json``) are read
-with ``torch.load(weights_only=True)``, which refuses pickles that would execute code.
+``module.`` prefixes, ``.safetensors``, hub folders with ``open_clip_config.json``) and
+``coca train``'s own checkpoints (which carry their model config) are read with
+``torch.load(weights_only=True)``, which refuses pickles that would execute code.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import pickle
 import tempfile
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Optional
 
@@ -21,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import CoCaConfig
+from .config import CoCaConfig, builtin_name, get_model_config
 from .errors import CocaError
 
 NATIVE_WEIGHTS = "model.safetensors"
@@ -29,6 +31,7 @@ NATIVE_CONFIG = "config.json"
 OPENCLIP_WEIGHTS = "open_clip_pytorch_model.bin"
 OPENCLIP_SAFE_WEIGHTS = "open_clip_model.safetensors"
 OPENCLIP_CONFIG = "open_clip_config.json"
+TRAINING_CHECKPOINT = "coca-train-checkpoint"  # the "format" of the checkpoints `coca train` writes
 
 
 def find_weights(path: Path) -> Path:
@@ -48,6 +51,26 @@ def find_config(path: Path) -> Optional[Path]:
         if (folder / name).is_file():
             return folder / name
     return None
+
+
+def stored_config(weights: Path) -> Optional[CoCaConfig]:
+    """The model config that travels with the weights: inside a ``coca train`` checkpoint, or
+    ``config.json`` / ``open_clip_config.json`` beside them; None when there is none."""
+    if weights.is_file() and weights.suffix != ".safetensors":
+        try:
+            checkpoint = _torch_load(weights)
+        except Exception:  # noqa: BLE001 - not a readable pickle: loading the weights reports why
+            checkpoint = None
+        if _is_training_checkpoint(checkpoint):
+            cfg = CoCaConfig.from_dict(checkpoint["model_config"], name=str(weights))
+            cfg.name = builtin_name(cfg) or cfg.name  # results then name the model trained, e.g. coca_tiny
+            return cfg
+    found = find_config(weights)
+    return get_model_config(found) if found is not None else None
+
+
+def _is_training_checkpoint(obj) -> bool:
+    return isinstance(obj, dict) and obj.get("format") == TRAINING_CHECKPOINT
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -70,11 +93,17 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
 
 
+def _torch_load(path: Path):
+    """``torch.load`` that never runs code; zip checkpoints are memory-mapped, so the optimizer
+    state of a training checkpoint is never read into memory when only the model is wanted."""
+    with warnings.catch_warnings():  # torch warns about pickle protocols on stderr; we report errors ourselves
+        warnings.simplefilter("ignore")
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+
+
 def _load_pickle(path: Path) -> dict:
     try:
-        with warnings.catch_warnings():  # torch warns about pickle protocols on stderr; we report errors ourselves
-            warnings.simplefilter("ignore")
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = _torch_load(path)
     except pickle.UnpicklingError as err:
         raise CocaError(
             f"refusing to load {path}: it is not a plain-tensor PyTorch checkpoint, and unpickling it "
@@ -82,7 +111,9 @@ def _load_pickle(path: Path) -> dict:
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         raise CocaError(f"cannot read {path}: not a PyTorch checkpoint or truncated ({_first_line(err)})") from None
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+    if _is_training_checkpoint(obj):
+        obj = obj.get("model")
+    elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CocaError(f"{path} is not a state dict of tensors")

@@ -63,6 +63,14 @@ def default_processes() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 1
 
 
+def default_workers(most: int = 4, env=os.environ) -> int:
+    """Data loading processes per training process: ``most``, but no more than this process's
+    share of the CPUs it may run on (beyond that they only compete for cores, and torch warns)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    processes = int(env.get("LOCAL_WORLD_SIZE") or 1)  # set by torchrun: the ranks on this machine
+    return max(1, min(most, cpus // processes))
+
+
 def torchrun_command(args: Sequence[str], nproc: int, nnodes: int = 1, node_rank: int = 0,
                      master_addr: Optional[str] = None, master_port: int = 29500) -> list[str]:
     """The torchrun command line running ``coca <args>`` in each of ``nproc`` local processes."""

@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from .checkpoint import find_config, load_weights
+from .checkpoint import load_weights, stored_config
 from .config import CoCaConfig, get_model_config
 from .errors import CocaError
 from .model import CoCa
@@ -23,16 +23,16 @@ def resolve_config(model_name: Optional[str], pretrained: Optional[str] = None,
                    cache_dir: Optional[str] = None) -> tuple[CoCaConfig, Optional[Path]]:
     """The model config and local weights path for a (model, pretrained) pair.
 
-    With ``model_name=None`` the config stored beside the weights is used (native export,
-    ``hf-hub:`` repo or open_clip hub folder).
+    With ``model_name=None`` the config stored with the weights is used (native export,
+    ``hf-hub:`` repo, open_clip hub folder or ``coca train`` checkpoint).
     """
     cfg = get_model_config(model_name) if model_name is not None else None  # bad names fail before downloads
     weights = resolve(model_name, pretrained, cache_dir) if pretrained else None
     if cfg is None:
-        stored = find_config(weights) if weights is not None else None
-        if stored is None:
-            raise CocaError("no model given: pass --model NAME, or --pretrained a folder holding config.json")
-        return get_model_config(stored), weights
+        cfg = stored_config(weights) if weights is not None else None
+        if cfg is None:
+            raise CocaError("no model given: pass --model NAME, or --pretrained a folder holding config.json "
+                            "or a coca training checkpoint")
     return cfg, weights
 
 

@@ -5,7 +5,8 @@ SLURM). The run folder ``--output DIR`` holds::
 
     DIR/train_config.json       the settings of the run
     DIR/metrics.jsonl           one JSON object per logged step and per validation
-    DIR/checkpoints/step_*.pt   model, optimizer, scaler, schedule, step, RNG and data position
+    DIR/checkpoints/step_*.pt   model (and its config), optimizer, scaler, schedule, step, RNG and
+                                data position; also usable as --pretrained
     DIR/final/                  model.safetensors + config.json, what every --pretrained accepts
 
 Distributed equivalence. With the same global batch, the update of W processes equals that
@@ -32,6 +33,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
+import hashlib
 import json
 import math
 import random
@@ -45,9 +48,14 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from rich.progress import BarColumn, MofNCompleteColumn, ProgressColumn, TextColumn, TimeRemainingColumn
+from rich.progress import Progress as RichProgress
+from rich.table import Column
+from rich.text import Text
 from torch import nn
 
 from . import distributed as D
+from .checkpoint import TRAINING_CHECKPOINT as CHECKPOINT_FORMAT
 from .checkpoint import atomic_write, save_native
 from .data import Batch, DataConfig, TrainData, describe_skipped, eval_batches
 from .errors import CocaError
@@ -56,7 +64,6 @@ from .loss import CoCaLoss
 PRECISIONS = ("auto", "amp", "amp_bf16", "bf16", "fp32")
 REPORTERS = ("tensorboard", "wandb")
 CHECKPOINTS = "checkpoints"
-CHECKPOINT_FORMAT = "coca-train-checkpoint"
 _CHECKPOINT_NAME = re.compile(r"^step_(\d+)\.pt$")
 
 
@@ -77,7 +84,7 @@ class TrainConfig:
     val_num_samples: Optional[int] = None
     dataset_resampled: bool = False
     shuffle_buffer: int = 1000
-    workers: int = 4
+    workers: Optional[int] = None  # None: distributed.default_workers()
     batch_size: int = 64
     epochs: int = 32
     lr: float = 5e-4
@@ -116,7 +123,7 @@ class TrainConfig:
                 raise CocaError(f"--{name.replace('_', '-')} must be at least 1")
         for name in ("warmup", "save_every_n_steps", "workers", "lock_image_unlocked_groups",
                      "lock_text_unlocked_layers"):
-            if getattr(self, name) < 0:
+            if (getattr(self, name) or 0) < 0:
                 raise CocaError(f"--{name.replace('_', '-')} must not be negative")
         if self.lr <= 0 or self.eps <= 0 or self.wd < 0:
             raise CocaError("--lr and --eps must be positive, --wd not negative")
@@ -194,6 +201,12 @@ def cosine_lr(step: int, base_lr: float, warmup: int, total: int) -> float:
         return base_lr * (step + 1) / warmup
     span = total - warmup
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / span)) * base_lr if span > 0 else base_lr
+
+
+def fitting_warmup(warmup: int, total_steps: int) -> int:
+    """``warmup`` if the run is longer, else 10% of the steps: a warmup as long as the run would
+    keep the learning rate far below its peak throughout (a fine-tune of 8 steps, warmup 1000)."""
+    return warmup if warmup < total_steps else max(1, round(total_steps / 10))
 
 
 def lock_image_tower(visual: nn.Module, unlocked_groups: int = 0) -> None:
@@ -409,34 +422,64 @@ def check_reporters(report_to: str) -> None:
 
 
 class Progress:
-    """A live line on a terminal; a plain line every ``--log-every-n-steps`` otherwise."""
+    """Training progress on stderr, step/total and ETA first.
 
-    def __init__(self, console, total: int, enabled: bool):
-        self.console, self.enabled, self.live = console, enabled, None
-        if enabled and console is not None and console.is_terminal:
-            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
-            from rich.progress import Progress as RichProgress
+    On a terminal: a live bar whose step count and ETA keep their width at any terminal size
+    (the losses after them are cut to fit). Otherwise (a log file, a pipe): a plain line at every
+    logged step, and at least every ``plain_every_s`` seconds so a slow run never goes quiet.
+    """
 
-            self.live = RichProgress(TextColumn("training"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                                     TextColumn("{task.fields[info]}"), console=console, transient=False)
+    plain_every_s = 30.0
+
+    def __init__(self, console, total: int, enabled: bool, start_step: int = 0):
+        self.console, self.total, self.start_step = console, total, start_step
+        self.enabled = enabled and console is not None
+        self.live = None
+        self.started = self.last_line = time.monotonic()
+        if self.enabled and console.is_terminal:
+            def fixed():
+                return Column(no_wrap=True)  # never squeezed: only the free-text column gives way
+
+            self.live = RichProgress(TextColumn("training", table_column=fixed()),
+                                     BarColumn(bar_width=20, table_column=fixed()),
+                                     MofNCompleteColumn(table_column=fixed()),
+                                     TimeRemainingColumn(table_column=fixed()), _CutToFit(),
+                                     console=console, transient=False)
             self.task = self.live.add_task("train", total=total, info="")
             self.live.start()
 
     def update(self, step: int, record: Optional[dict], text: str) -> None:
-        if not self.enabled or self.console is None:
+        if not self.enabled:
             return
         if self.live is not None:
             self.live.update(self.task, completed=step, info=text)
-        elif record is not None:
-            self.console.print(f"step {step}  {text}", markup=False, highlight=False)
+        elif record is not None or time.monotonic() - self.last_line >= self.plain_every_s:
+            self.console.print(f"step {step}/{self.total}  ETA {self.eta(step)}  {text}", markup=False,
+                               highlight=False, soft_wrap=True)
+            self.last_line = time.monotonic()
+
+    def eta(self, step: int) -> str:
+        """H:MM:SS left at the mean pace of the steps done since this run (or resumption) began."""
+        done = step - self.start_step
+        if done <= 0:
+            return "-:--:--"
+        seconds = (time.monotonic() - self.started) / done * (self.total - step)
+        return str(datetime.timedelta(seconds=round(seconds)))
 
     def print(self, text: str) -> None:
-        if self.enabled and self.console is not None:
+        if self.enabled:
             self.console.print(text, markup=False, highlight=False, soft_wrap=True)
 
     def close(self) -> None:
         if self.live is not None:
             self.live.stop()
+
+
+class _CutToFit(ProgressColumn):
+    """The task's ``info`` on one line, cut with an ellipsis where the terminal ends."""
+
+    def render(self, task):
+        return Text(task.fields["info"], no_wrap=True, overflow="ellipsis")
 
 
 class StopSignal:
@@ -511,6 +554,7 @@ class Trainer:
         self.data = TrainData(cfg.data_config(), self.train_transform, self.tokenizer, world.rank, world.world_size,
                               cfg.accum_freq, pin_memory=self.device.type == "cuda")
         self.total_steps = self.data.steps_per_epoch * cfg.epochs
+        self.warmup = fitting_warmup(cfg.warmup, self.total_steps)
         self.loss = CoCaLoss(cfg.coca_caption_loss_weight, cfg.coca_contrastive_loss_weight,
                              pad_id=self.model.pad_id, local_loss=cfg.local_loss,
                              gather_with_grad=cfg.gather_with_grad, cache_labels=True, rank=world.rank,
@@ -611,7 +655,7 @@ class Trainer:
         return {"format": CHECKPOINT_FORMAT, "version": 1, "step": self.step, "epoch": epoch,
                 "step_in_epoch": step_in_epoch, "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                "scheduler": {"kind": "cosine", "base_lr": self.cfg.lr, "warmup": self.cfg.warmup,
+                "scheduler": {"kind": "cosine", "base_lr": self.cfg.lr, "warmup": self.warmup,
                               "total_steps": self.total_steps},
                 "rng": [r["rng"] for r in ranks], "data": [r["data"] for r in ranks],
                 "world_size": self.world.world_size, "steps_per_epoch": self.data.steps_per_epoch,
@@ -670,13 +714,14 @@ class Trainer:
 
         model, cfg = self.model, self.cfg
         model.eval()
-        image_feats, text_feats, contrastive, caption_sum, tokens, n = [], [], 0.0, 0.0, 0, 0
+        image_feats, text_feats, pictures, contrastive, caption_sum, tokens, n = [], [], [], 0.0, 0.0, 0, 0
         samples: list[dict] = []
         skipped: Counter = Counter()
         single = CoCaLoss(1.0, 1.0, pad_id=model.pad_id)
         for batch in eval_batches(cfg.val_data, cfg.data_config(), self.val_transform, self.tokenizer,
                                   cfg.val_num_samples, cfg.batch_size):
             skipped.update(batch.skipped)
+            pictures += [hashlib.sha1(image.numpy().tobytes()).hexdigest() for image in batch.images]
             images = batch.images.to(self.device, self.input_dtype)
             texts = batch.texts.to(self.device)
             with self.autocast():
@@ -701,7 +746,7 @@ class Trainer:
         if n == 0:
             raise CocaError(f"no usable samples in --val-data {cfg.val_data} ({describe_skipped(skipped)})")
         metrics = {"val_contrastive_loss": contrastive / n, "val_caption_loss": caption_sum / max(tokens, 1),
-                   **recall_at_k(torch.cat(image_feats), torch.cat(text_feats)), "val_samples": n,
+                   **validation_recall(torch.cat(image_feats), torch.cat(text_feats), pictures), "val_samples": n,
                    "captions": samples}
         if skipped:
             metrics["val_skipped"] = sum(skipped.values())
@@ -730,8 +775,12 @@ class Trainer:
             self.output.mkdir(parents=True, exist_ok=True)
             text = json.dumps(dataclasses.asdict(cfg), indent=2) + "\n"
             atomic_write(self.output / "train_config.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        if self.warmup != cfg.warmup:
+            self._print(f"warning: --warmup {cfg.warmup} is not shorter than this run ({self.total_steps} steps): "
+                        f"the learning rate would stay far below --lr; warming up over {self.warmup} "
+                        f"step{'s' if self.warmup > 1 else ''} instead (10% of the run)")
         metrics = Metrics(self.output, cfg, world.is_master, self.step if resume_from else None)
-        progress = Progress(self.console, self.total_steps, world.is_master)
+        progress = Progress(self.console, self.total_steps, world.is_master, start_step=self.step)
         global_batch = cfg.batch_size * world.world_size * cfg.accum_freq
         try:
             with StopSignal() as stop:
@@ -763,7 +812,7 @@ class Trainer:
                 data_wait += time.perf_counter() - fetch  # a starved loop waits here
                 for b in micro:
                     self.skipped.update(b.skipped)
-                lr = cosine_lr(self.step, cfg.lr, cfg.warmup, self.total_steps)
+                lr = cosine_lr(self.step, cfg.lr, self.warmup, self.total_steps)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
                 result = self.train_step(micro, stop.signum is not None)
@@ -818,24 +867,26 @@ class Trainer:
         path = path or list_checkpoints(checkpoint_dir(self.output))[-1][1]
         name = "SIGTERM" if signum == signal.SIGTERM else "interrupt"
         raise CocaError(f"stopped by {name} after step {self.step}: checkpoint {path} saved; continue with "
-                        f"--resume latest", exit_code=130 if signum == signal.SIGINT else 143)
+                        f"--resume latest, or use it as --pretrained {path}",
+                        exit_code=130 if signum == signal.SIGINT else 143)
 
 
-def recall_at_k(image_features: torch.Tensor, text_features: torch.Tensor, ks=(1, 5), chunk: int = 1024) -> dict:
-    """Image i matches text i; the fraction of queries whose match ranks in the top k."""
-    out = {}
-    for name, queries, keys in (("image_to_text", image_features, text_features),
-                                ("text_to_image", text_features, image_features)):
-        hits = dict.fromkeys(ks, 0)
-        for start in range(0, len(queries), chunk):
-            scores = queries[start:start + chunk] @ keys.T
-            truth = scores[torch.arange(scores.shape[0]), torch.arange(start, start + scores.shape[0])]
-            rank = (scores > truth[:, None]).sum(dim=1)  # how many keys beat the right one
-            for k in ks:
-                hits[k] += int((rank < k).sum())
-        for k in ks:
-            out[f"{name}_R@{k}"] = hits[k] / max(len(queries), 1)
-    return out
+def validation_recall(image_features: torch.Tensor, text_features: torch.Tensor, pictures: list[str],
+                      ks=(1, 5)) -> dict:
+    """Recall@k of the validation pairs by the definition ``coca eval retrieval`` uses
+    (:func:`coca_cli.retrieval.retrieval_recall`, CLIP_benchmark's): rows showing the same picture
+    (``pictures`` identifies it; a table lists an image once per caption) are one image, found
+    image→text when any of its captions is among its k best."""
+    from .retrieval import retrieval_recall
+
+    first_row: dict[str, int] = {}
+    for row, picture in enumerate(pictures):
+        first_row.setdefault(picture, row)
+    image_of = {picture: i for i, picture in enumerate(first_row)}
+    scores = text_features @ image_features[list(first_row.values())].T
+    recall = retrieval_recall(scores, [image_of[p] for p in pictures], ks)
+    return {f"{ours}_R@{k}": recall[f"{theirs}_recall@{k}"] for ours, theirs in
+            (("image_to_text", "text_retrieval"), ("text_to_image", "image_retrieval")) for k in ks}
 
 
 def _describe_val(record: dict) -> str:
@@ -869,6 +920,8 @@ def train(cfg: TrainConfig, console=None) -> Path:
     cfg.check()
     check_reporters(cfg.report_to)
     world = D.init(cfg.device)
+    if cfg.workers is None:
+        cfg.workers = D.default_workers()
     try:
         cfg.output = D.broadcast_object(cfg.output or default_output(cfg.model), world)
         return Trainer(cfg, world, console).run()

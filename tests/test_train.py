@@ -6,9 +6,6 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +14,17 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import run_cli, subprocess_env
+from conftest import Paused, run_cli
 
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 FAST = ["--model", "coca_tiny", "--workers", "0", "--precision", "fp32", "--lr", "1e-3", "--warmup", "1",
         "--log-every-n-steps", "1"]
+
+
+def fast_without(option: str) -> list[str]:
+    """FAST leaving ``option`` at its default."""
+    at = FAST.index(option)
+    return FAST[:at] + FAST[at + 2:]
 
 
 @functools.lru_cache(maxsize=1)
@@ -328,33 +331,17 @@ def test_nonfinite_loss_stops_keeping_the_last_good_checkpoint(pairs, tmp_path, 
 
 # -- signals: subprocesses, as a real preemption or crash would be --------------------------------------
 
-def _start(args: list, log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "coca_cli", "train", *map(str, args)], env=subprocess_env(),
-                            stdout=subprocess.DEVNULL, stderr=open(log, "w"))
-
-
-def _wait_for(condition, proc: subprocess.Popen, timeout: float = 120):
-    deadline = time.time() + timeout
-    while not condition():
-        assert proc.poll() is None, "training ended before the test could interrupt it"
-        assert time.time() < deadline, "timed out"
-        time.sleep(0.05)
-
-
 def test_sigterm_saves_a_checkpoint_and_exits(pairs, tmp_path):
     run = tmp_path / "run"
-    proc = _start([*FAST, "--data", pairs, "--batch-size", "4", "--epochs", "50", "--output", run],
-                  tmp_path / "log")
-    _wait_for(lambda: (run / "metrics.jsonl").exists() and len(metrics(run)) >= 2, proc)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 143
-    log = (tmp_path / "log").read_text()
-    assert "stopped by SIGTERM" in log and "--resume latest" in log
-    [name] = checkpoints(run)
+    paused = Paused(2, "train", *FAST, "--data", pairs, "--batch-size", "4", "--epochs", "50", "--output", run,
+                    at="train_step")
+    _, log = paused.stop(signal.SIGTERM)  # lands in step 3; ranks agree to stop in the next step, then save
+    assert paused.proc.returncode == 143, log
+    assert "stopped by SIGTERM after step 4" in log and "--resume latest" in log
+    assert checkpoints(run) == ["step_000000004.pt"]
     from coca_cli.train import load_checkpoint
 
-    state = load_checkpoint(run / "checkpoints" / name)
-    assert state["step"] >= 2 and name == f"step_{state['step']:09d}.pt"
+    assert load_checkpoint(run / "checkpoints" / "step_000000004.pt")["step"] == 4
 
 
 def test_sigkill_then_resume_latest_gives_the_same_weights(pairs, tmp_path):
@@ -362,13 +349,194 @@ def test_sigkill_then_resume_latest_gives_the_same_weights(pairs, tmp_path):
             "--workers", "1"]
     assert run_cli("train", *args, "--output", tmp_path / "whole") == 0
     run = tmp_path / "killed"
-    proc = _start([*args, "--output", run], tmp_path / "log")
-    # kill it between checkpoints, well before the end (24 steps)
-    _wait_for(lambda: (run / "metrics.jsonl").exists() and len(metrics(run)) >= 7, proc)
-    proc.kill()
-    proc.wait()
-    done = metrics(run)[-1]["step"]
-    assert 7 <= done < 24 and not (run / "final").exists()
+    paused = Paused(7, "train", *args, "--output", run, at="train_step")  # between checkpoints 6 and 9, of 24 steps
+    paused.stop(signal.SIGKILL)
+    assert paused.proc.returncode == -signal.SIGKILL
+    assert metrics(run)[-1]["step"] == 7 and checkpoints(run)[-1] == "step_000000006.pt"
+    assert not (run / "final").exists()
     assert run_cli("train", *args, "--output", run, "--resume", "latest") == 0
     assert_same_weights(weights(tmp_path / "whole"), weights(run), atol=0)
     assert [r["step"] for r in metrics(run)] == list(range(1, 25))  # lines after the checkpoint replaced
+
+
+# -- checkpoints are weights ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def interrupted(pairs, tmp_path_factory):
+    """A run stopped by Ctrl-C after step 2 (as the first Ctrl-C does: checkpoint, then exit 130)."""
+    from coca_cli import train as train_module
+
+    run = tmp_path_factory.mktemp("interrupted") / "run"
+    original = train_module.Trainer.train_step
+
+    def ctrl_c_during_step_2(self, micro, stop):
+        if self.step == 1:
+            signal.getsignal(signal.SIGINT)(signal.SIGINT, None)  # what Ctrl-C runs, without a real signal
+        return original(self, micro, stop or self.step == 1)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train_module.Trainer, "train_step", ctrl_c_during_step_2)
+        assert run_cli("train", *FAST, "--data", pairs, "--batch-size", "8", "--epochs", "1", "--output", run) == 130
+    assert checkpoints(run) == ["step_000000002.pt"] and not (run / "final").exists()
+    return run / "checkpoints" / "step_000000002.pt"
+
+
+@pytest.mark.parametrize("command", [
+    ["caption", "{image}", "--seq-len", "6", "--min-seq-len", "2", "--num-beams", "2", "--num-beam-groups", "1"],
+    ["classify", "{image}", "--labels", "zero,one,two", "--json"],
+    ["retrieve", "--images", "{image}", "--query", "the digit zero", "--json"],
+    ["eval", "retrieval", "--data", "{pairs}"],
+    ["finetune", "--data", "{pairs}", "--batch-size", "8", "--train-num-samples", "8", "--workers", "0",
+     "--output", "{tmp}/ft"],
+    ["train", "--data", "{pairs}", "--batch-size", "8", "--train-num-samples", "8", "--epochs", "1", "--workers", "0",
+     "--output", "{tmp}/train"],
+    ["convert", "{checkpoint}", "--output", "{tmp}/native"],
+], ids=lambda command: " ".join(command[:2]) if command[0] == "eval" else command[0])
+def test_a_training_checkpoint_is_weights_wherever_pretrained_is_accepted(command, interrupted, pairs, tmp_path,
+                                                                           capsys):
+    """No --model: the config comes from the checkpoint."""
+    values = {"image": pairs.parent / "000.png", "pairs": pairs, "tmp": tmp_path, "checkpoint": interrupted}
+    args = [a.format(**values) for a in command]
+    if command[0] != "convert":
+        args += ["--pretrained", str(interrupted)]
+    assert run_cli(*args) == 0, capsys.readouterr().err
+
+
+def test_the_checkpoint_an_interrupt_leaves_is_as_usable_as_final(interrupted, pairs, tmp_path, capsys):
+    from coca_cli.train import load_checkpoint
+
+    assert run_cli("convert", interrupted, "--output", tmp_path / "native") == 0
+    assert_same_weights(load_file(str(tmp_path / "native" / "model.safetensors")),
+                        load_checkpoint(interrupted)["model"], atol=0)
+    image = pairs.parent / "000.png"
+    captions = []
+    for pretrained in (interrupted, tmp_path / "native"):
+        capsys.readouterr()
+        assert run_cli("caption", image, "--pretrained", pretrained, "--seq-len", "6", "--min-seq-len", "2",
+                       "--num-beams", "2", "--num-beam-groups", "1") == 0
+        captions.append(capsys.readouterr().out)
+    assert captions[0] == captions[1] and captions[0].strip()
+
+
+def test_the_last_checkpoint_of_a_run_holds_the_final_weights(pairs, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert run_cli("train", *FAST, "--data", pairs, "--batch-size", "8", "--epochs", "1", "--output", run) == 0
+    [last] = checkpoints(run)
+    assert run_cli("convert", run / "checkpoints" / last, "--output", tmp_path / "native") == 0
+    assert_same_weights(load_file(str(tmp_path / "native" / "model.safetensors")), weights(run), atol=0)
+    assert json.loads((tmp_path / "native" / "config.json").read_text()) == json.loads(
+        (run / "final" / "config.json").read_text())
+
+
+# -- the schedule on small data ---------------------------------------------------------------------
+
+def test_a_warmup_longer_than_the_run_is_shortened_with_one_warning(pairs, tiny, tmp_path, capsys):
+    _, weights_folder = tiny
+    # coca finetune's default warmup (1000) on 8 steps: 10% of 8 rounds to 1 step, the peak at once
+    assert run_cli("finetune", "--pretrained", weights_folder, "--data", pairs, "--batch-size", "8", "--workers", "0",
+                   "--train-num-samples", "48", "--epochs", "1", "--log-every-n-steps", "1",
+                   "--output", tmp_path / "ft") == 0
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1, err
+    assert ("warning: --warmup 1000 is not shorter than this run (6 steps): the learning rate would stay far below "
+            "--lr; warming up over 1 step instead (10% of the run)\n") in err
+    lrs = [r["lr"] for r in metrics(tmp_path / "ft")]
+    assert lrs[0] == 1e-5 and lrs == sorted(lrs, reverse=True)
+    # coca train's default warmup (10000) on 18 steps: 2 steps
+    assert run_cli("train", *fast_without("--warmup"), "--data", pairs, "--batch-size", "8", "--epochs", "3",
+                   "--output", tmp_path / "train") == 0
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and "--warmup 10000 is not shorter than this run (18 steps)" in err
+    assert "warming up over 2 steps instead" in err
+    lrs = [r["lr"] for r in metrics(tmp_path / "train")]
+    assert lrs[:3] == [5e-4, 1e-3, 1e-3] and lrs[3] < 1e-3  # warmup, then the cosine from its peak
+    # a warmup that fits is kept, without a word
+    assert run_cli("train", *FAST, "--data", pairs, "--batch-size", "8", "--epochs", "1", "--warmup", "5",
+                   "--output", tmp_path / "fits") == 0
+    assert "warning" not in capsys.readouterr().err
+    assert [r["lr"] for r in metrics(tmp_path / "fits")][:2] == [1e-3 / 5, 2e-3 / 5]
+
+
+# -- one definition of retrieval recall --------------------------------------------------------------
+
+def test_validation_recall_equals_coca_eval_retrieval(tmp_path, capsys):
+    """6 images with 5 captions each (a COCO-like table): validation during training and `coca eval
+    retrieval` of the final weights report the same Recall@1/5, CLIP_benchmark's."""
+    rows = ["filepath,title"]
+    for i in range(6):
+        digit_image(i).save(tmp_path / f"{i}.png")
+        word = WORDS[_digits().target[i]]
+        rows += [f"{i}.png,{text}" for text in (f"the digit {word}", f"a handwritten {word}", word,
+                                                 f"a {word} in black and white", f"the number {word} written by hand")]
+    (tmp_path / "val.csv").write_text("\n".join(rows) + "\n")
+    run = tmp_path / "run"
+    assert run_cli("train", *FAST, "--data", tmp_path / "val.csv", "--val-data", tmp_path / "val.csv",
+                   "--batch-size", "8", "--epochs", "1", "--output", run) == 0
+    [val] = [r for r in metrics(run) if r.get("split") == "val"]
+    assert val["val_samples"] == 30
+    assert run_cli("eval", "retrieval", "--data", tmp_path / "val.csv", "--pretrained", run / "final",
+                   "--batch-size", "8", "--output", tmp_path / "eval.json") == 0
+    evaluated = json.loads((tmp_path / "eval.json").read_text())["metrics"]
+    for k in (1, 5):
+        assert val[f"image_to_text_R@{k}"] == evaluated[f"text_retrieval_recall@{k}"]
+        assert val[f"text_to_image_R@{k}"] == evaluated[f"image_retrieval_recall@{k}"]
+
+
+# -- progress --------------------------------------------------------------------------------------
+
+def _plain(text: str) -> str:
+    """What a terminal shows, roughly: control sequences dropped, carriage returns as new lines."""
+    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text).replace("\r", "\n")
+
+
+@pytest.mark.parametrize("columns", [80, 100])
+def test_the_training_bar_shows_steps_and_eta_on_a_narrow_terminal(columns, pairs, tmp_path, monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from coca_cli.cli import train as train_cli
+
+    screen = io.StringIO()
+    terminal = Console(file=screen, width=columns, force_terminal=True, color_system=None, soft_wrap=True,
+                       markup=False, highlight=False)
+    monkeypatch.setattr(train_cli, "err_console", terminal)
+    assert run_cli("train", *FAST, "--data", pairs, "--batch-size", "8", "--epochs", "1",
+                   "--output", tmp_path / "run") == 0
+    bars = [line for line in _plain(screen.getvalue()).splitlines() if line.startswith("training")]
+    assert bars and all(len(line) <= columns for line in bars)
+    assert re.match(r"training .* 6/6 \d+:\d\d:\d\d epoch 0 ", bars[-1]), bars[-1]  # the final frame
+
+
+def test_plain_progress_lines_when_stderr_is_not_a_terminal(pairs, tmp_path, capsys, monkeypatch):
+    from coca_cli.train import Progress
+
+    args = [*FAST, "--data", pairs, "--batch-size", "8", "--epochs", "1", "--log-every-n-steps", "100"]
+    monkeypatch.setattr(Progress, "plain_every_s", float("inf"))  # as if every step were quick
+    assert run_cli("train", *args, "--output", tmp_path / "a") == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("step ")]
+    assert len(lines) == 1 and re.match(r"step 6/6  ETA 0:00:00  epoch 0  contrastive ", lines[0]), lines
+    monkeypatch.setattr(Progress, "plain_every_s", 0)  # as if every step took longer than the period
+    assert run_cli("train", *args, "--output", tmp_path / "b") == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in lines] == [f"{step}/6" for step in range(1, 7)]
+    assert all(re.match(r"step \d/6  ETA \d+:\d\d:\d\d  epoch 0", line) for line in lines), lines
+
+
+def test_default_workers_never_exceed_the_cpus(pairs, tmp_path, monkeypatch):
+    import warnings
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert run_cli("train", *fast_without("--workers"), "--data", pairs,
+                       "--batch-size", "8", "--epochs", "1", "--train-num-samples", "16",
+                       "--output", tmp_path / "run") == 0
+    assert json.loads((tmp_path / "run" / "train_config.json").read_text())["workers"] == 2
+    assert not [w for w in caught if "worker" in str(w.message)], [str(w.message) for w in caught]
+    from coca_cli.distributed import default_workers
+
+    assert default_workers(env={}) == 2 and default_workers(env={"LOCAL_WORLD_SIZE": "2"}) == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert default_workers(env={}) == 4 and default_workers(env={"LOCAL_WORLD_SIZE": "8"}) == 4

@@ -14,7 +14,7 @@ import typer
 from ..errors import CocaError
 from . import app, command_line, err_console
 
-FINETUNE_DEFAULTS = {"lr": 1e-5, "warmup": 1000, "wd": 0.1, "epochs": 1, "batch_size": 128, "workers": 3,
+FINETUNE_DEFAULTS = {"lr": 1e-5, "warmup": 1000, "wd": 0.1, "epochs": 1, "batch_size": 128,
                      "coca_contrastive_loss_weight": 0.0, "coca_caption_loss_weight": 1.0,
                      "log_every_n_steps": 100}
 
@@ -62,7 +62,8 @@ def train_command(
     val_num_samples: Optional[int] = typer.Option(None, min=1, help="Validate on at most this many samples."),
     dataset_resampled: bool = typer.Option(False, help="Draw shards with replacement (web-scale pre-training)."),
     shuffle_buffer: int = typer.Option(1000, min=0, help="Shards: samples in the shuffle buffer."),
-    workers: int = typer.Option(4, min=0, help="Data loading processes per GPU."),
+    workers: Optional[int] = typer.Option(None, min=0, help="Data loading processes per GPU [default: 4, at most "
+                                          "the CPUs available to each process]."),
     batch_size: int = typer.Option(64, "--batch-size", "-b", min=1, help="Batch size per GPU/process."),
     epochs: int = typer.Option(32, min=1, help="Epochs."),
     lr: float = typer.Option(5e-4, help="Peak learning rate."),
@@ -70,7 +71,8 @@ def train_command(
     beta1: float = typer.Option(0.9, help="AdamW beta1."),
     beta2: float = typer.Option(0.98, help="AdamW beta2."),
     eps: float = typer.Option(1e-6, help="AdamW epsilon."),
-    warmup: int = typer.Option(10000, min=0, help="Linear warmup steps before the cosine decay."),
+    warmup: int = typer.Option(10000, min=0, help="Linear warmup steps before the cosine decay (10% of the "
+                               "steps when the run is not longer)."),
     grad_clip_norm: Optional[float] = typer.Option(None, help="Clip the gradient norm to this."),
     precision: str = typer.Option("auto", help="auto (amp on CUDA, fp32 otherwise), amp, amp_bf16, bf16 or fp32."),
     grad_checkpointing: bool = typer.Option(False, help="Recompute activations in backward to save memory."),
