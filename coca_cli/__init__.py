@@ -10,14 +10,14 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "CLIPTextCfg": "config", "CLIPVisionCfg": "config", "CoCaConfig": "config", "MultimodalCfg": "config",
-    "get_model_config": "config", "list_models": "config",
+    "CLIPTextCfg": "model.config", "CLIPVisionCfg": "model.config", "CoCaConfig": "model.config",
+    "MultimodalCfg": "model.config", "get_model_config": "model.config", "list_models": "model.config",
+    "CoCa": "model.coca",
+    "Tokenizer": "data.tokenizer", "decode": "data.tokenizer", "tokenize": "data.tokenizer",
+    "create_model": "weights.factory", "create_model_and_transforms": "weights.factory",
+    "get_tokenizer": "weights.factory", "list_pretrained": "weights.pretrained",
+    "ClipLoss": "train.loss", "CoCaLoss": "train.loss",
     "CocaError": "errors",
-    "create_model": "factory", "create_model_and_transforms": "factory", "get_tokenizer": "factory",
-    "CoCa": "model",
-    "ClipLoss": "loss", "CoCaLoss": "loss",
-    "list_pretrained": "pretrained",
-    "Tokenizer": "tokenizer", "decode": "tokenizer", "tokenize": "tokenizer",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -142,7 +142,8 @@ def one_error_line(capsys) -> str:
 # and nowhere else.
 COCA_PAUSING = """
 import os, sys
-from coca_cli import captioning, retrieval, train
+from coca_cli.tasks import captioning, retrieval
+from coca_cli.train import loop as train
 from coca_cli.cli import main
 
 ready, hold, after, at = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]

@@ -36,7 +36,7 @@ def test_same_captions_as_python_api(native, capsys):
     import torch
 
     from coca_cli import create_model_and_transforms, decode
-    from coca_cli.transforms import load_image
+    from coca_cli.data.transforms import load_image
 
     assert run_cli("caption", *PHOTOS, "--pretrained", native, *FAST, "--batch-size", "2") == 0
     cli = dict(line.split("\t") for line in capsys.readouterr().out.splitlines())
@@ -132,7 +132,7 @@ def test_seq_len_defaults_to_what_the_model_allows(tmp_path, capsys):
     import torch
 
     from coca_cli import create_model
-    from coca_cli.checkpoint import save_native
+    from coca_cli.weights.checkpoint import save_native
 
     config = json.loads((ROOT / "models" / "coca_tiny.json").read_text())
     config["text_cfg"]["context_length"] = config["multimodal_cfg"]["context_length"] = 16
@@ -194,7 +194,7 @@ def test_shards_get_one_output_each_and_are_resumed(native, tmp_path, capsys):
     import torch
 
     from coca_cli import create_model_and_transforms, decode
-    from coca_cli.transforms import load_image
+    from coca_cli.data.transforms import load_image
 
     shards = _write_shards(tmp_path / "shards", PHOTOS)
     out = tmp_path / "captions"

@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from coca_cli import coco_metrics as cm
+from coca_cli.tasks import coco_metrics as cm
 
 # COCO-style captions (the first five are real MSCOCO references) and the constructs the
 # evaluation's tokenizer treats specially: contractions, possessives, hyphens, numbers,

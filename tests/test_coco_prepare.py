@@ -206,7 +206,7 @@ def test_official_split_folders_and_a_rerun_with_another_shard_size(tmp_path):
 def test_an_interrupted_rerun_leaves_complete_shards_and_no_wrong_count(tmp_path, monkeypatch, capsys):
     import webdataset as wds
 
-    from coca_cli import coco
+    from coca_cli.data import coco
 
     root = make_coco(tmp_path / "coco", "2014")
     val = tmp_path / "shards" / "val2014"

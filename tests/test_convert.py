@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from coca_cli import create_model
-from coca_cli.checkpoint import load_state_dict
+from coca_cli.weights.checkpoint import load_state_dict
 from coca_cli.errors import CocaError
 from conftest import openclip_reference, run_cli
 

@@ -30,7 +30,7 @@ def clip_benchmark_recall(scores, caption_image, k):
 # -- recall by hand ----------------------------------------------------------------------------
 
 def test_recall_on_a_hand_made_case():
-    from coca_cli.retrieval import retrieval_recall
+    from coca_cli.tasks.retrieval import retrieval_recall
 
     scores = torch.tensor([  # 5 captions × 3 images
         [0.9, 0.1, 0.3],  # caption 0 of image 0: image 0 first
@@ -48,7 +48,7 @@ def test_recall_on_a_hand_made_case():
 
 
 def test_recall_matches_clip_benchmark_with_several_captions_per_image():
-    from coca_cli.retrieval import retrieval_recall
+    from coca_cli.tasks.retrieval import retrieval_recall
 
     gen = torch.Generator().manual_seed(0)
     caption_image = torch.randint(0, 12, (40,), generator=gen).tolist()

@@ -15,10 +15,10 @@ import torch
 from PIL import Image
 
 from conftest import subprocess_env
-from coca_cli.data import DataConfig, TrainData
+from coca_cli.data.datasets import DataConfig, TrainData
 from coca_cli.errors import CocaError
-from coca_cli.images import iter_batches
-from coca_cli.tokenizer import tokenize
+from coca_cli.data.images import iter_batches
+from coca_cli.data.tokenizer import tokenize
 
 POISON = (13, 13)  # the image size the transforms below choke on
 
@@ -26,7 +26,7 @@ POISON = (13, 13)  # the image size the transforms below choke on
 # and no cleanup, as a decoder crash or the out-of-memory killer would.
 COCA_KILLING_ON_POISON = f"""
 import os, signal, sys
-from coca_cli import images
+from coca_cli.data import images
 from coca_cli.cli import main
 
 load_image = images.load_image
@@ -107,7 +107,7 @@ def test_a_training_worker_error_names_the_shard_sample(images, tmp_path):
 
 
 def test_a_shard_recaption_error_names_the_sample(images, tmp_path):
-    from coca_cli.recaption import caption_shard
+    from coca_cli.tasks.recaption import caption_shard
 
     shard = _shard(tmp_path, images)
     with pytest.raises(CocaError, match=f"failed on sample s005 of {shard}: RuntimeError"):

@@ -1,4 +1,4 @@
-"""coca_cli.generation against open_clip 3.3.0's ``CoCa.generate`` (fp32, CPU): same tokens.
+"""coca_cli.model.generation against open_clip 3.3.0's ``CoCa.generate`` (fp32, CPU): same tokens.
 
 Both models get the same random weights. open_clip is the reference; transformers is used
 only through it (and for its ``MaxLengthCriteria`` in one test).
@@ -16,10 +16,10 @@ import open_clip  # reference implementation (test extra)
 from transformers import MaxLengthCriteria
 
 from benchmarks.bench import randomize_
-from coca_cli import generation
-from coca_cli.config import get_model_config
-from coca_cli.model import CoCa
-from coca_cli.text import TextTransformer
+from coca_cli.model import generation
+from coca_cli.model.config import get_model_config
+from coca_cli.model.coca import CoCa
+from coca_cli.model.text import TextTransformer
 
 ROOT = Path(__file__).resolve().parents[1]
 SOT, EOS = 49406, 49407

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from coca_cli.errors import CocaError
-from coca_cli.loss import ClipLoss, CoCaLoss
+from coca_cli.train.loss import ClipLoss, CoCaLoss
 
 PAD = 0
 
@@ -145,9 +145,9 @@ def test_distributed_losses_and_gradients_equal_open_clip(tmp_path):
 def test_caption_tokens_only_gives_the_same_loss_and_gradients():
     """Training's trimmed decoder (up to the longest caption, projection at caption tokens only)
     against the full [B, T, vocab] logits, on captions of different lengths."""
-    from coca_cli.config import get_model_config
-    from coca_cli.model import CoCa
-    from coca_cli.tokenizer import tokenize
+    from coca_cli.model.config import get_model_config
+    from coca_cli.model.coca import CoCa
+    from coca_cli.data.tokenizer import tokenize
 
     torch.manual_seed(0)
     model = CoCa.from_config(get_model_config("coca_tiny"))

@@ -52,8 +52,8 @@ def test_wheel_ships_configs_and_runs_from_anywhere(tmp_path, wheel):
     names = zipfile.ZipFile(wheel).namelist()
     for config in (ROOT / "models").glob("*.json"):
         assert f"coca_cli/model_configs/{config.name}" in names
-    assert "coca_cli/bpe_simple_vocab_16e6.txt.gz" in names
-    assert "coca_cli/LICENSE-bpe_simple_vocab.txt" in names
+    assert "coca_cli/data/bpe_simple_vocab_16e6.txt.gz" in names
+    assert "coca_cli/data/LICENSE-bpe_simple_vocab.txt" in names
 
     env_dir = tmp_path / "venv"
     venv.create(env_dir, system_site_packages=True, with_pip=False)
@@ -163,9 +163,9 @@ def save_random_weights(model_name: str, path: Path) -> None:
     favours the end token, so captions stop at the shortest allowed length: seconds on a CPU."""
     from safetensors.torch import save_file
 
-    from coca_cli.config import get_model_config
-    from coca_cli.generation import EOS_TOKEN_ID
-    from coca_cli.model import CoCa
+    from coca_cli.model.config import get_model_config
+    from coca_cli.model.generation import EOS_TOKEN_ID
+    from coca_cli.model.coca import CoCa
 
     with torch.device("meta"):
         shapes = {name: p.shape for name, p in CoCa.from_config(get_model_config(model_name)).state_dict().items()}

@@ -6,10 +6,10 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from coca_cli import packed
-from coca_cli.config import get_model_config
-from coca_cli.model import CoCa
-from coca_cli.packed import linear, packed_linears
+from coca_cli.model import packed
+from coca_cli.model.config import get_model_config
+from coca_cli.model.coca import CoCa
+from coca_cli.model.packed import linear, packed_linears
 
 
 def _weights(seed=0):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from coca_cli import list_pretrained
-from coca_cli.pretrained import hub_repo
+from coca_cli.weights.pretrained import hub_repo
 from conftest import ROOT, openclip_reference
 from hub_server import HubServer
 
@@ -70,7 +70,7 @@ def test_published_tag_downloads_from_laion_repository(tmp_path, hub_files):
     _, files = hub_files
     with HubServer(files) as hub:
         env = dict(os.environ, HF_ENDPOINT=hub.url, HF_HUB_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="0")
-        code = "from coca_cli.pretrained import resolve; print(resolve('coca_ViT-B-32', 'laion2B-s13B-b90k'))"
+        code = "from coca_cli.weights.pretrained import resolve; print(resolve('coca_ViT-B-32', 'laion2B-s13B-b90k'))"
         result = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True)
         assert result.returncode == 0, result.stderr
         assert "models--laion--CoCa-ViT-B-32-laion2B-s13B-b90k" in result.stdout

@@ -65,7 +65,7 @@ def test_classify_to_a_pipe_keeps_every_finished_line(sig, photos, tiny):
 
 
 def test_an_interrupted_retrieve_keeps_the_embeddings_it_made(photos, tiny, tmp_path, monkeypatch, capsys):
-    from coca_cli.retrieval import ImageIndex
+    from coca_cli.tasks.retrieval import ImageIndex
 
     folder = tmp_path / "photos"
     shutil.copytree(photos, folder)

@@ -1,4 +1,4 @@
-"""Tests for coca_cli.tokenizer: bit-exact parity with open_clip's SimpleTokenizer,
+"""Tests for coca_cli.data.tokenizer: bit-exact parity with open_clip's SimpleTokenizer,
 decode behaviour, and hypothesis properties.
 
 open_clip is only a test dependency; the package itself never imports it.
@@ -16,8 +16,8 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from coca_cli import tokenizer as tok_module
-from coca_cli.tokenizer import _PIECE_PATTERN, SimpleTokenizer, Tokenizer, clean_text
+from coca_cli.data import tokenizer as tok_module
+from coca_cli.data.tokenizer import _PIECE_PATTERN, SimpleTokenizer, Tokenizer, clean_text
 
 open_clip_tokenizer = pytest.importorskip("open_clip.tokenizer")
 
@@ -300,7 +300,7 @@ def test_import_does_not_build_tokenizer():
     import sys
 
     code = (
-        "import coca_cli.tokenizer as t, sys; "
+        "import coca_cli.data.tokenizer as t, sys; "
         "sys.exit(t.default_tokenizer.cache_info().currsize)"
     )
     repo_root = Path(__file__).resolve().parents[1]

@@ -115,7 +115,7 @@ def test_bad_input_is_one_line(args, message, pairs, tmp_path, capsys):
 
 
 def test_launcher_detection_and_torchrun_command(monkeypatch):
-    from coca_cli.distributed import launched, torchrun_command
+    from coca_cli.train.distributed import launched, torchrun_command
 
     assert not launched({})
     assert launched({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"})
@@ -136,7 +136,7 @@ def test_finetune_needs_pretrained(pairs, tmp_path, capsys):
 # -- data -----------------------------------------------------------------------------------------
 
 def test_brace_patterns_and_global_batches():
-    from coca_cli.data import GlobalBatches, expand_braces
+    from coca_cli.data.datasets import GlobalBatches, expand_braces
 
     assert expand_braces("s-{000..002}.tar") == ["s-000.tar", "s-001.tar", "s-002.tar"]
     assert expand_braces("{a,b}/x-{8..10}.tar") == [f"{d}/x-{i}.tar" for d in "ab" for i in (8, 9, 10)]
@@ -210,7 +210,7 @@ def test_resampled_shards_and_shard_validation(shards, tmp_path):
 def test_webdataset_resume_after_a_crash_is_exact(shards, tmp_path, monkeypatch):
     """Two loader workers, a shuffle buffer and broken samples: the data position in the
     checkpoint replays each worker's stream exactly."""
-    from coca_cli import train as train_module
+    from coca_cli.train import loop as train_module
 
     args = [*FAST, "--data", str(shards), "--train-num-samples", "32", "--batch-size", "4", "--epochs", "2",
             "--workers", "2", "--shuffle-buffer", "8", "--save-every-n-steps", "3"]
@@ -236,7 +236,7 @@ def test_webdataset_resume_after_a_crash_is_exact(shards, tmp_path, monkeypatch)
 # -- checkpoints ----------------------------------------------------------------------------------
 
 def test_a_failed_checkpoint_write_leaves_the_previous_one_intact(tmp_path, monkeypatch):
-    from coca_cli import train as train_module
+    from coca_cli.train import loop as train_module
     from coca_cli.errors import CocaError
 
     folder = tmp_path / "checkpoints"
@@ -318,7 +318,7 @@ def test_nonfinite_loss_stops_keeping_the_last_good_checkpoint(pairs, tmp_path, 
     assert run_cli("train", *explode, "--output", run) == 1
     err = capsys.readouterr().err
     assert "non-finite loss at step 2" in err and "step_000000001.pt" in err and "--skip-nonfinite" in err
-    from coca_cli.train import load_checkpoint
+    from coca_cli.train.loop import load_checkpoint
 
     assert checkpoints(run) == ["step_000000001.pt"]
     assert load_checkpoint(run / "checkpoints" / "step_000000001.pt")["step"] == 1
@@ -339,7 +339,7 @@ def test_sigterm_saves_a_checkpoint_and_exits(pairs, tmp_path):
     assert paused.proc.returncode == 143, log
     assert "stopped by SIGTERM after step 4" in log and "--resume latest" in log
     assert checkpoints(run) == ["step_000000004.pt"]
-    from coca_cli.train import load_checkpoint
+    from coca_cli.train.loop import load_checkpoint
 
     assert load_checkpoint(run / "checkpoints" / "step_000000004.pt")["step"] == 4
 
@@ -364,7 +364,7 @@ def test_sigkill_then_resume_latest_gives_the_same_weights(pairs, tmp_path):
 @pytest.fixture(scope="module")
 def interrupted(pairs, tmp_path_factory):
     """A run stopped by Ctrl-C after step 2 (as the first Ctrl-C does: checkpoint, then exit 130)."""
-    from coca_cli import train as train_module
+    from coca_cli.train import loop as train_module
 
     run = tmp_path_factory.mktemp("interrupted") / "run"
     original = train_module.Trainer.train_step
@@ -403,7 +403,7 @@ def test_a_training_checkpoint_is_weights_wherever_pretrained_is_accepted(comman
 
 
 def test_the_checkpoint_an_interrupt_leaves_is_as_usable_as_final(interrupted, pairs, tmp_path, capsys):
-    from coca_cli.train import load_checkpoint
+    from coca_cli.train.loop import load_checkpoint
 
     assert run_cli("convert", interrupted, "--output", tmp_path / "native") == 0
     assert_same_weights(load_file(str(tmp_path / "native" / "model.safetensors")),
@@ -509,7 +509,7 @@ def test_the_training_bar_shows_steps_and_eta_on_a_narrow_terminal(columns, pair
 
 
 def test_plain_progress_lines_when_stderr_is_not_a_terminal(pairs, tmp_path, capsys, monkeypatch):
-    from coca_cli.train import Progress
+    from coca_cli.train.loop import Progress
 
     args = [*FAST, "--data", pairs, "--batch-size", "8", "--epochs", "1", "--log-every-n-steps", "100"]
     monkeypatch.setattr(Progress, "plain_every_s", float("inf"))  # as if every step were quick
@@ -535,7 +535,7 @@ def test_default_workers_never_exceed_the_cpus(pairs, tmp_path, monkeypatch):
                        "--output", tmp_path / "run") == 0
     assert json.loads((tmp_path / "run" / "train_config.json").read_text())["workers"] == 2
     assert not [w for w in caught if "worker" in str(w.message)], [str(w.message) for w in caught]
-    from coca_cli.distributed import default_workers
+    from coca_cli.train.distributed import default_workers
 
     assert default_workers(env={}) == 2 and default_workers(env={"LOCAL_WORLD_SIZE": "2"}) == 1
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)

@@ -1,4 +1,4 @@
-"""Parity of coca_cli.transforms with open_clip 3.3.0, plus load_image error handling."""
+"""Parity of coca_cli.data.transforms with open_clip 3.3.0, plus load_image error handling."""
 
 import io
 import pickle
@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from skimage import data as skdata
 
-from coca_cli import transforms as T
+from coca_cli.data import transforms as T
 
 import open_clip  # reference implementation (test extra)
 from open_clip import transform as oc_transform

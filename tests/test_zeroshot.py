@@ -18,7 +18,7 @@ LABELS = ["cat", "coffee", "astronaut", "rocket", "camera man", "dog"]
 def test_templates_are_openais_80_prompts():
     from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES as LAMBDAS
 
-    from coca_cli.templates import DEFAULT_TEMPLATE, OPENAI_IMAGENET_TEMPLATES, fill
+    from coca_cli.tasks.templates import DEFAULT_TEMPLATE, OPENAI_IMAGENET_TEMPLATES, fill
 
     assert [fill(t, "tench") for t in OPENAI_IMAGENET_TEMPLATES] == [f("tench") for f in LAMBDAS]
     assert len(OPENAI_IMAGENET_TEMPLATES) == 80 and DEFAULT_TEMPLATE == "a photo of a {}."
@@ -29,9 +29,9 @@ def test_classifier_and_probabilities_match_open_clip(tiny, template_set):
     from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 
     from coca_cli import create_model_and_transforms, get_tokenizer
-    from coca_cli.retrieval import embed_images
-    from coca_cli.templates import load_templates
-    from coca_cli.zeroshot import build_classifier, classify
+    from coca_cli.tasks.retrieval import embed_images
+    from coca_cli.tasks.templates import load_templates
+    from coca_cli.tasks.zeroshot import build_classifier, classify
 
     ref, native = tiny
     classnames = list(IMAGENET_CLASSNAMES[::83])  # 13 classes: open_clip encodes them 10 at a time
@@ -47,7 +47,7 @@ def test_classifier_and_probabilities_match_open_clip(tiny, template_set):
 
 
 def test_top_labels_and_accuracy_on_a_hand_made_case():
-    from coca_cli.zeroshot import top_labels, zeroshot_accuracy
+    from coca_cli.tasks.zeroshot import top_labels, zeroshot_accuracy
 
     probs = torch.tensor([[0.1, 0.7, 0.2], [0.5, 0.2, 0.3]])
     assert top_labels(probs, ["a", "b", "c"], 2) == [[("b", pytest.approx(0.7)), ("c", pytest.approx(0.2))],
@@ -62,7 +62,7 @@ def test_top_labels_and_accuracy_on_a_hand_made_case():
 
 
 def test_label_text_is_embedded_once_per_run(tiny, photo_dir, monkeypatch, capsys):
-    from coca_cli.model import CoCa
+    from coca_cli.model.coca import CoCa
 
     calls = []
     original = CoCa.encode_text
@@ -91,7 +91,7 @@ def test_cli_probabilities_match_open_clip(tiny, photo_dir, capsys):
 
 
 def test_cli_imagenet_templates_and_labels_file(tiny, tmp_path, capsys):
-    from coca_cli.templates import OPENAI_IMAGENET_TEMPLATES
+    from coca_cli.tasks.templates import OPENAI_IMAGENET_TEMPLATES
 
     ref, native = tiny
     labels = tmp_path / "labels.txt"

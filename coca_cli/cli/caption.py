@@ -56,11 +56,11 @@ def caption_command(
         raise CocaError("give image files or --data shards, not both")
     if data is None and not inputs:
         raise CocaError("give image files, folders or globs to caption (or --data shards)")
-    from ..inputs import collect_images
+    from ..data.inputs import collect_images
 
     paths = collect_images(inputs) if inputs else []  # before torch is imported: a typo is reported at once
-    from ..generation import validate_options
-    from ..pretrained import DEFAULT_CAPTION_MODEL, DEFAULT_CAPTION_PRETRAINED
+    from ..model.generation import validate_options
+    from ..weights.pretrained import DEFAULT_CAPTION_MODEL, DEFAULT_CAPTION_PRETRAINED
 
     generation = dict(generation_type=generation_type, seq_len=seq_len, min_seq_len=min_seq_len, num_beams=num_beams,
                       num_beam_groups=num_beam_groups, top_k=top_k, top_p=top_p, temperature=temperature,
@@ -73,7 +73,7 @@ def caption_command(
     if data is not None:
         if output is None:
             raise CocaError("--data needs --output DIR: one .jsonl file per shard is written there")
-        from ..distributed import default_processes, launched, relaunch
+        from ..train.distributed import default_processes, launched, relaunch
 
         nproc = gpus or default_processes()
         if nproc > 1 and not launched():
@@ -86,8 +86,8 @@ def _load(device: str, seed: Optional[int], load: dict, generation: dict):
     """(model, transform, seeded generator or None, the generation settings fitted to the model)."""
     import torch
 
-    from ..factory import create_model_and_transforms
-    from ..generation import fit_to_model
+    from ..weights.factory import create_model_and_transforms
+    from ..model.generation import fit_to_model
 
     net, _, transform = create_model_and_transforms(device=device, **load)
     generator = torch.Generator(device=next(net.parameters()).device).manual_seed(seed) if seed is not None else None
@@ -95,7 +95,7 @@ def _load(device: str, seed: Optional[int], load: dict, generation: dict):
 
 
 def _caption_files(paths, output, as_json, resume, device, batch_size, workers, seed, load, generation):
-    from ..captioning import CaptionWriter, caption_images
+    from ..tasks.captioning import CaptionWriter, caption_images
 
     writer = CaptionWriter(output, as_json=as_json, resume=resume)
     todo = [p for p in paths if str(p) not in writer.done]
@@ -122,9 +122,9 @@ def _caption_shards(data, output, device, batch_size, seed, load, generation):
     """This process's share of the shards; under torchrun each rank takes every N-th shard."""
     import os
 
-    from ..data import resolve_shards
-    from ..distributed import resolve_device
-    from ..recaption import caption_shard, my_shards
+    from ..data.datasets import resolve_shards
+    from ..train.distributed import resolve_device
+    from ..tasks.recaption import caption_shard, my_shards
 
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     shards = resolve_shards(data)

@@ -22,7 +22,7 @@ from .options import (BatchSizeOption, ContrastivePretrainedOption, DeviceOption
 def with_defaults(model: Optional[str], pretrained: Optional[str]) -> tuple[Optional[str], str]:
     """Without --pretrained: the LAION weights, not the MSCOCO fine-tune, which captions better
     but has lost much of its zero-shot and retrieval skill."""
-    from ..pretrained import DEFAULT_CONTRASTIVE_MODEL, DEFAULT_CONTRASTIVE_PRETRAINED
+    from ..weights.pretrained import DEFAULT_CONTRASTIVE_MODEL, DEFAULT_CONTRASTIVE_PRETRAINED
 
     if pretrained is None:
         return model or DEFAULT_CONTRASTIVE_MODEL, DEFAULT_CONTRASTIVE_PRETRAINED
@@ -31,7 +31,7 @@ def with_defaults(model: Optional[str], pretrained: Optional[str]) -> tuple[Opti
 
 def load_contrastive(model: Optional[str], pretrained: Optional[str], device: str, precision: str):
     """(model, eval transform, tokenizer), on the chosen device and precision."""
-    from ..factory import create_model_and_transforms, get_tokenizer
+    from ..weights.factory import create_model_and_transforms, get_tokenizer
 
     model, pretrained = with_defaults(model, pretrained)
     net, _, transform = create_model_and_transforms(model, pretrained, precision=precision, device=pick_device(device))
@@ -42,7 +42,7 @@ def load_contrastive(model: Optional[str], pretrained: Optional[str], device: st
 
 def embed_batches(net, transform, paths: Sequence[Path], batch_size: int, workers: int) -> Iterator:
     """Image feature batches behind a progress bar; each unreadable image is reported as it comes."""
-    from ..retrieval import iter_image_features
+    from ..tasks.retrieval import iter_image_features
 
     with progress(len(paths), "embedding images") as advance:
         for batch in iter_image_features(net, transform, paths, batch_size, workers):
@@ -66,8 +66,8 @@ def fail_if_skipped(skipped: int, total: int) -> None:
 
 def labels_from(labels: Optional[str], labels_file: Optional[Path]) -> list[str]:
     """Class names from exactly one of --labels (comma separated) and --labels-file."""
-    from ..templates import read_lines
-    from ..zeroshot import check_classnames
+    from ..tasks.templates import read_lines
+    from ..tasks.zeroshot import check_classnames
 
     if labels is not None and labels_file is not None:
         raise CocaError("give --labels or --labels-file, not both")
@@ -84,7 +84,7 @@ def result_sink(output: Optional[Path], fmt: str, columns: Sequence[str],
     """Where each result (with ``to_json()`` and ``rows()``) goes as it comes: ``show`` draws it as a
     table on stdout when ``fmt`` is table, else it is a JSON Lines/CSV/TSV record on stdout or in
     ``output``."""
-    from ..output import open_records
+    from ..tasks.output import open_records
 
     if output is None and fmt == "table":
         console = Console(file=sys.stdout)
@@ -96,7 +96,7 @@ def result_sink(output: Optional[Path], fmt: str, columns: Sequence[str],
 
 def check_output_file(output: Optional[Path]) -> None:
     """An --output suffix we cannot write is a usage error before any model loads."""
-    from ..output import file_format
+    from ..tasks.output import file_format
 
     if output is not None:
         file_format(output)
@@ -128,13 +128,13 @@ def classify_command(
     Example: coca classify photos/ --labels dog,cat,car
              coca classify img.jpg --labels-file classes.txt --templates imagenet --output labels.csv
     """
-    from ..inputs import collect_images
+    from ..data.inputs import collect_images
 
     paths = collect_images(inputs)  # before torch is imported: a typo is reported at once
     fmt = stdout_format(output_format, as_json)
     check_output_file(output)
-    from ..templates import load_templates
-    from ..zeroshot import Classification, build_classifier, classify, top_labels
+    from ..tasks.templates import load_templates
+    from ..tasks.zeroshot import Classification, build_classifier, classify, top_labels
 
     names = labels_from(labels, labels_file)
     prompts = load_templates(templates)

@@ -84,7 +84,7 @@ def prepare_coco_command(
              coca prepare-coco --root data/coco --split-style official --shards data/coco/shards
              coca train --model coca_ViT-B-32 --data data/coco/shards/train2014/
     """
-    from ..coco import COCO_BASE_URL, coco_archives, fetch_coco, prepare_coco
+    from ..data.coco import COCO_BASE_URL, coco_archives, fetch_coco, prepare_coco
 
     wanted = splits.split(",") if splits is not None else None
     if split_style not in ("auto", "karpathy", "official"):

@@ -23,7 +23,7 @@ def convert_command(
 
     Example: coca convert open_clip_pytorch_model.bin --model coca_ViT-B-32 --output weights/b32
     """
-    from ..convert import convert
+    from ..weights.convert import convert
 
     out = convert(source, output, model_name=model, to=to)
     err_console.print(f"wrote {out}")

@@ -61,7 +61,7 @@ def captions_command(
     Example: coca eval captions --data coco/karpathy_test.tsv --output results.json
              coca eval captions --data coco/karpathy_test.tsv --predictions captions.jsonl
     """
-    from ..caption_eval import evaluate_captions, match_predictions, metric_rows, read_predictions, read_references
+    from ..tasks.caption_eval import evaluate_captions, match_predictions, metric_rows, read_predictions, read_references
 
     if predictions is not None and (pretrained is not None or model is not None):
         raise CocaError("--predictions scores existing captions: drop --model/--pretrained")
@@ -77,14 +77,14 @@ def captions_command(
             err_console.print(f"{len(unmatched)} captions in {predictions} are for images not in {where} (e.g. "
                               f"{unmatched[0]}): ignored")
     else:
-        from ..generation import validate_options
+        from ..model.generation import validate_options
 
         generation = dict(generation_type=generation_type, seq_len=seq_len, min_seq_len=min_seq_len,
                           num_beams=num_beams, num_beam_groups=num_beam_groups, top_k=top_k, top_p=top_p,
                           temperature=temperature, repetition_penalty=repetition_penalty)
         validate_options(spell=generation_option, **generation)  # before the model loads
         if pretrained is None:
-            from ..pretrained import DEFAULT_CAPTION_MODEL, DEFAULT_CAPTION_PRETRAINED
+            from ..weights.pretrained import DEFAULT_CAPTION_MODEL, DEFAULT_CAPTION_PRETRAINED
 
             model, pretrained = model or DEFAULT_CAPTION_MODEL, DEFAULT_CAPTION_PRETRAINED
         captions, failed, model, generation = _generate(references, model, pretrained, device, precision,
@@ -122,9 +122,9 @@ def _generate(references, model, pretrained, device, precision, batch_size, work
     """({image: caption}, number of images that could not be read, model name, settings used)."""
     import torch
 
-    from ..captioning import caption_images
-    from ..factory import create_model_and_transforms
-    from ..generation import fit_to_model
+    from ..tasks.captioning import caption_images
+    from ..weights.factory import create_model_and_transforms
+    from ..model.generation import fit_to_model
 
     net, _, transform = create_model_and_transforms(model, pretrained, precision=precision, device=pick_device(device))
     generation = fit_to_model(net, generation, spell=generation_option)

@@ -49,9 +49,9 @@ def zeroshot_command(
     Example: coca eval zeroshot --data imagenet/val --templates imagenet --output results.json
     """
     fmt = stdout_format(output_format)
-    from ..retrieval import ImageFeatures
-    from ..templates import load_templates
-    from ..zeroshot import build_classifier, read_image_folder, zeroshot_accuracy
+    from ..tasks.retrieval import ImageFeatures
+    from ..tasks.templates import load_templates
+    from ..tasks.zeroshot import build_classifier, read_image_folder, zeroshot_accuracy
 
     folder = read_image_folder(data)
     prompts = load_templates(templates)
@@ -95,7 +95,7 @@ def retrieval_command(
     Example: coca eval retrieval --data pairs.tsv --output results.json
     """
     fmt = stdout_format(output_format)
-    from ..retrieval import ImageFeatures, embed_texts, read_pairs, retrieval_recall
+    from ..tasks.retrieval import ImageFeatures, embed_texts, read_pairs, retrieval_recall
 
     pairs = read_pairs(data, img_key, caption_key, separator)
     net, transform, tokenizer = load_contrastive(model, pretrained, device, precision)
@@ -142,7 +142,7 @@ def _report(heading: str, table: Table, fmt: str, result: dict, output: Optional
 
 def print_record(fmt: str, record: dict, rows: list) -> None:
     """One result on stdout: a JSON line, or metric/value rows as CSV/TSV."""
-    from ..output import RecordWriter
+    from ..tasks.output import RecordWriter
 
     RecordWriter(sys.stdout, fmt, METRIC_COLUMNS).write(record, rows)
 

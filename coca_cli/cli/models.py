@@ -19,7 +19,7 @@ def models_command(as_json: bool = typer.Option(False, "--json", help="Print JSO
     import dataclasses
     import json
 
-    from ..catalog import describe_models
+    from ..weights.catalog import describe_models
 
     infos = describe_models()
     if as_json:

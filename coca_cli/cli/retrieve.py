@@ -55,15 +55,15 @@ def retrieve_command(
         raise CocaError(USAGE)
     if index is not None and not images:
         raise CocaError("--index belongs to an --images collection")
-    from ..inputs import collect_images
+    from ..data.inputs import collect_images
 
-    from ..templates import read_lines
+    from ..tasks.templates import read_lines
 
     paths = collect_images(images or image)  # before torch is imported: a typo is reported at once
     candidates = read_lines(texts, "texts file") if texts else None
     fmt = stdout_format(output_format, as_json)
     check_output_file(output)
-    from ..retrieval import write_html
+    from ..tasks.retrieval import write_html
 
     options = dict(model=model, pretrained=pretrained, device=device, precision=precision, batch_size=batch_size,
                    workers=workers)
@@ -83,7 +83,7 @@ def retrieve_command(
 def _images_for_texts(images, paths, queries, index, top_k, model, pretrained, device, precision, batch_size,
                       workers):
     """Text→image: embed what the index lacks, then rank the whole collection for each query."""
-    from ..retrieval import ImageIndex, embed_texts, model_fingerprint, search
+    from ..tasks.retrieval import ImageIndex, embed_texts, model_fingerprint, search
 
     net, transform, tokenizer = load_contrastive(model, pretrained, device, precision)
     store = ImageIndex(index or _default_index(images), model_fingerprint(net))
@@ -105,7 +105,7 @@ def _images_for_texts(images, paths, queries, index, top_k, model, pretrained, d
 
 def _default_index(images: List[str]) -> Optional[Path]:
     """Beside the collection: inside the folder when --images is one folder; else no index."""
-    from ..retrieval import INDEX_FILE
+    from ..tasks.retrieval import INDEX_FILE
 
     folder = Path(images[0]).expanduser()
     return folder / INDEX_FILE if len(images) == 1 and folder.is_dir() else None
@@ -123,7 +123,7 @@ def _save(store) -> None:
 
 def _texts_for_images(candidates, paths, top_k, model, pretrained, device, precision, batch_size, workers):
     """Image→text: every candidate text is embedded once, then ranked for each query image."""
-    from ..retrieval import ImageFeatures, embed_texts, search
+    from ..tasks.retrieval import ImageFeatures, embed_texts, search
 
     net, transform, tokenizer = load_contrastive(model, pretrained, device, precision)
     candidate_features = embed_texts(net, tokenizer, candidates)

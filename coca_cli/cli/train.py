@@ -106,8 +106,8 @@ def train_command(
     wandb_project: str = typer.Option("coca", help="W&B project name."),
     skip_nonfinite: bool = typer.Option(False, help="Skip steps whose loss is NaN/inf instead of stopping."),
 ):
-    from ..distributed import default_processes, launched, relaunch
-    from ..train import TrainConfig, default_output, preflight, train
+    from ..train.distributed import default_processes, launched, relaunch
+    from ..train.loop import TrainConfig, default_output, preflight, train
 
     finetune = ctx.info_name == "finetune"
     if finetune and pretrained is None:

@@ -19,11 +19,11 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import atomic_write
-from .data import column_separator
-from .errors import CocaError, reading
-from .images import iter_batches
-from .transforms import ImageLoadError, load_image
+from ..weights.checkpoint import atomic_write
+from ..data.datasets import column_separator
+from ..errors import CocaError, reading
+from ..data.images import iter_batches
+from ..data.transforms import ImageLoadError, load_image
 
 # -- embeddings -------------------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ of *all* ranks, gathered with ``torch.distributed``:
   (``B_local x B_global`` logits instead of ``B_global x B_global``), labels offset by rank.
 
 How these choices relate to single-process training once DDP averages gradients is worked
-out in ``coca_cli/train.py`` (``contrastive_features``).
+out in ``coca_cli/train/loop.py`` (``contrastive_features``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import CocaError
+from ..errors import CocaError
 
 
 def _no_horovod(use_horovod: bool) -> None:

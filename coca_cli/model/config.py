@@ -14,7 +14,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Optional
 
-from .errors import CocaError
+from ..errors import CocaError
 
 
 @dataclass
@@ -132,7 +132,7 @@ def _config_dir():
     packaged = resources.files("coca_cli") / "model_configs"
     if packaged.is_dir():
         return packaged
-    return Path(__file__).resolve().parent.parent / "models"
+    return Path(__file__).resolve().parents[2] / "models"
 
 
 def _registry() -> dict:

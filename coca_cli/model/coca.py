@@ -140,7 +140,7 @@ class CoCa(nn.Module):
         return out
 
     def generate(self, image: torch.Tensor, text: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
-        """Caption token ids for a batch of images; see :func:`coca_cli.generation.generate`."""
+        """Caption token ids for a batch of images; see :func:`coca_cli.model.generation.generate`."""
         from .generation import generate
 
         return generate(self, image, text, **kwargs)

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Optional
 
 from .checkpoint import OPENCLIP_CONFIG, OPENCLIP_SAFE_WEIGHTS, OPENCLIP_WEIGHTS
-from .config import suggest
-from .errors import CocaError
+from ..model.config import suggest
+from ..errors import CocaError
 
 HF_HUB_PREFIX = "hf-hub:"
 

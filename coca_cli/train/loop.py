@@ -55,10 +55,10 @@ from rich.text import Text
 from torch import nn
 
 from . import distributed as D
-from .checkpoint import TRAINING_CHECKPOINT as CHECKPOINT_FORMAT
-from .checkpoint import atomic_write, save_native
-from .data import Batch, DataConfig, TrainData, describe_skipped, eval_batches
-from .errors import CocaError
+from ..weights.checkpoint import TRAINING_CHECKPOINT as CHECKPOINT_FORMAT
+from ..weights.checkpoint import atomic_write, save_native
+from ..data.datasets import Batch, DataConfig, TrainData, describe_skipped, eval_batches
+from ..errors import CocaError
 from .loss import CoCaLoss
 
 PRECISIONS = ("auto", "amp", "amp_bf16", "bf16", "fp32")
@@ -145,8 +145,8 @@ class TrainConfig:
 
 def preflight(cfg: TrainConfig) -> None:
     """Cheap checks of the settings, model name and data, before any process is started."""
-    from .config import get_model_config
-    from .data import dataset_kind, read_table, resolve_shards, shard_sizes
+    from ..model.config import get_model_config
+    from ..data.datasets import dataset_kind, read_table, resolve_shards, shard_sizes
 
     cfg.check()
     check_reporters(cfg.report_to)
@@ -511,10 +511,10 @@ class StopSignal:
 
 def _tokenizer_for(config):
     if config.text_cfg.hf_tokenizer_name:
-        from .hf_text import HFTokenizer
+        from ..model.hf_text import HFTokenizer
 
         return HFTokenizer(config.text_cfg.hf_tokenizer_name, config.text_cfg.context_length)
-    from .tokenizer import Tokenizer
+    from ..data.tokenizer import Tokenizer
 
     return Tokenizer(context_length=config.text_cfg.context_length)
 
@@ -526,8 +526,8 @@ def default_output(model: Optional[str]) -> str:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, world: D.World, console=None):
-        from .factory import create_model, preprocess_config
-        from .transforms import image_transform
+        from ..weights.factory import create_model, preprocess_config
+        from ..data.transforms import image_transform
 
         self.cfg, self.world, self.console = cfg, world, console
         self.output = Path(cfg.output)
@@ -709,8 +709,8 @@ class Trainer:
     @torch.no_grad()
     def validate(self) -> dict:
         """Val losses, retrieval recall@1/5 both ways and three sample captions (master only)."""
-        from .generation import generate, max_decode_length
-        from .tokenizer import decode
+        from ..model.generation import generate, max_decode_length
+        from ..data.tokenizer import decode
 
         model, cfg = self.model, self.cfg
         model.eval()
@@ -874,10 +874,10 @@ class Trainer:
 def validation_recall(image_features: torch.Tensor, text_features: torch.Tensor, pictures: list[str],
                       ks=(1, 5)) -> dict:
     """Recall@k of the validation pairs by the definition ``coca eval retrieval`` uses
-    (:func:`coca_cli.retrieval.retrieval_recall`, CLIP_benchmark's): rows showing the same picture
+    (:func:`coca_cli.tasks.retrieval.retrieval_recall`, CLIP_benchmark's): rows showing the same picture
     (``pictures`` identifies it; a table lists an image once per caption) are one image, found
     image→text when any of its captions is among its k best."""
-    from .retrieval import retrieval_recall
+    from ..tasks.retrieval import retrieval_recall
 
     first_row: dict[str, int] = {}
     for row, picture in enumerate(pictures):

@@ -23,8 +23,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import CoCaConfig, builtin_name, get_model_config
-from .errors import CocaError
+from ..model.config import CoCaConfig, builtin_name, get_model_config
+from ..errors import CocaError
 
 NATIVE_WEIGHTS = "model.safetensors"
 NATIVE_CONFIG = "config.json"

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from .config import CoCaConfig, get_model_config, list_models
+from ..model.config import CoCaConfig, get_model_config, list_models
 from .pretrained import PRETRAINED, cached_weights
 
 
@@ -32,7 +32,7 @@ def count_parameters(cfg: CoCaConfig) -> Optional[int]:
     text tower, whose size only its hub config tells (a listing must not go online)."""
     import torch
 
-    from .model import CoCa
+    from ..model.coca import CoCa
 
     if cfg.text_cfg.hf_model_name:
         return None

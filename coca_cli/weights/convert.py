@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Optional
 
 from .checkpoint import load_weights, save_native, save_openclip
-from .errors import CocaError
+from ..errors import CocaError
 from .factory import preprocess_config, resolve_config
-from .model import CoCa
+from ..model.coca import CoCa
 
 TARGETS = ("native", "openclip")
 

@@ -10,9 +10,9 @@ from typing import Callable, Iterator, Optional, TextIO
 
 import torch
 
-from .images import iter_batches
+from ..data.images import iter_batches
 from .output import FILE_FORMATS, RecordWriter, file_format
-from .tokenizer import decode
+from ..data.tokenizer import decode
 
 # .txt is path<TAB>caption lines, like stdout; .tsv a real TSV with a header (see RecordWriter)
 OUTPUT_FORMATS = {**FILE_FORMATS, ".json": "jsonl", ".txt": "txt"}

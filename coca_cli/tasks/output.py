@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence, TextIO
 
-from .errors import CocaError
+from ..errors import CocaError
 
 FILE_FORMATS = {".jsonl": "jsonl", ".csv": "csv", ".tsv": "tsv"}
 

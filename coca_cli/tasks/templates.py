@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from .errors import CocaError, reading
+from ..errors import CocaError, reading
 
 DEFAULT_TEMPLATE = "a photo of a {}."
 

@@ -15,8 +15,8 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from .data import SkipSample, decode_image, failing_on, image_of, tar_samples
-from .tokenizer import decode
+from ..data.datasets import SkipSample, decode_image, failing_on, image_of, tar_samples
+from ..data.tokenizer import decode
 
 
 def shard_output(output: Path, shard: str) -> Path:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .config import CLIPTextCfg
-from .errors import CocaError
+from ..errors import CocaError
 
 
 def _transformers():

@@ -21,7 +21,7 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from .errors import CocaError
+from ..errors import CocaError
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
@@ -94,7 +94,7 @@ def relaunch(args: Sequence[str], nproc: int, nnodes: int = 1, node_rank: int = 
     """
     cmd = torchrun_command(args, nproc, nnodes, node_rank, master_addr, master_port)
     env = dict(os.environ)
-    package_root = str(Path(__file__).resolve().parent.parent)  # the workers import this very package
+    package_root = str(Path(__file__).resolve().parents[2])  # the workers import this very package
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
     child = subprocess.Popen(cmd, env=env, start_new_session=True)
 

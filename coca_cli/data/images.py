@@ -11,7 +11,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from .errors import CocaError
+from ..errors import CocaError
 from .transforms import ImageLoadError, load_image
 
 

@@ -18,8 +18,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .errors import CocaError
-from .inputs import collect_images
+from ..errors import CocaError
+from ..data.inputs import collect_images
 from .retrieval import embed_texts
 from .templates import DEFAULT_TEMPLATE, fill
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 from .coco_metrics import METRIC_NAMES, score_captions
-from .errors import CocaError, reading
+from ..errors import CocaError, reading
 from .retrieval import read_pairs
 
 

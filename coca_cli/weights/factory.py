@@ -9,12 +9,12 @@ from typing import Optional
 import torch
 
 from .checkpoint import load_weights, stored_config
-from .config import CoCaConfig, get_model_config
-from .errors import CocaError
-from .model import CoCa
+from ..model.config import CoCaConfig, get_model_config
+from ..errors import CocaError
+from ..model.coca import CoCa
 from .pretrained import resolve
-from .tokenizer import Tokenizer
-from .transforms import OPENAI_MEAN, OPENAI_STD, PreprocessCfg, image_transform
+from ..data.tokenizer import Tokenizer
+from ..data.transforms import OPENAI_MEAN, OPENAI_STD, PreprocessCfg, image_transform
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -97,7 +97,7 @@ def get_tokenizer(model_name: Optional[str] = "coca_ViT-B-32", context_length: O
     else:
         cfg = get_model_config(model_name) if model_name is not None else None
     if cfg is not None and cfg.text_cfg.hf_tokenizer_name:
-        from .hf_text import HFTokenizer
+        from ..model.hf_text import HFTokenizer
 
         return HFTokenizer(cfg.text_cfg.hf_tokenizer_name, context_length or cfg.text_cfg.context_length)
     return Tokenizer(context_length=context_length or (cfg.text_cfg.context_length if cfg else 77))

@@ -1,0 +1,1 @@
+"""How a batch becomes a gradient step: CoCaLoss, the training loop, and torch.distributed."""
