@@ -107,7 +107,8 @@ def train_command(
     skip_nonfinite: bool = typer.Option(False, help="Skip steps whose loss is NaN/inf instead of stopping."),
 ):
     from ..train.distributed import default_processes, launched, relaunch
-    from ..train.loop import TrainConfig, default_output, preflight, train
+    from ..train.config import TrainConfig, default_output, preflight
+    from ..train.loop import train
 
     finetune = ctx.info_name == "finetune"
     if finetune and pretrained is None:

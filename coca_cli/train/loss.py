@@ -11,8 +11,24 @@ of *all* ranks, gathered with ``torch.distributed``:
 * ``local_loss=True``: each rank scores only its own rows against everything gathered
   (``B_local x B_global`` logits instead of ``B_global x B_global``), labels offset by rank.
 
-How these choices relate to single-process training once DDP averages gradients is worked
-out in ``coca_cli/train/loop.py`` (``contrastive_features``).
+Distributed equivalence. With the same global batch, the update of W processes equals that
+of one process on the whole batch when the gradient DDP averages is W times each rank's share
+of the gradient of the *global* loss. For the two losses:
+
+* caption: each rank sums its tokens' cross-entropy and divides by (global token count / W),
+  so the average over ranks is the global token mean, and so is its gradient. (open_clip
+  averages per-rank means: a token on a rank holding fewer tokens counts for more.)
+* contrastive, ``gather_with_grad``: the gather's backward sums all ranks' gradients for
+  this rank's features, so every rank holds the gradient of the global loss: exact, with
+  ``local_loss`` on or off (with ``local_loss`` each rank's loss is its rows' share).
+* contrastive, neither flag: every rank computes the full global loss but gradient flows only
+  through its own features, i.e. one W-th of what the average needs; the features' gradient
+  is scaled by W (``contrastive_features``), which makes it exact at no cost. open_clip does
+  not, so there the contrastive gradient reaching the towers shrinks with the number of GPUs
+  (``logit_scale`` excepted).
+* contrastive, ``local_loss`` without ``gather_with_grad``: an approximation by construction
+  (as in open_clip): the gradient through the other ranks' copies of this rank's features is
+  never computed. Losses, the caption-only decoder and ``logit_scale`` still match after a step.
 """
 
 from __future__ import annotations
@@ -160,3 +176,23 @@ class CoCaLoss(ClipLoss):
         if output_dict:
             return {"contrastive_loss": clip_loss, "caption_loss": caption_loss}
         return clip_loss, caption_loss
+
+
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
+def contrastive_features(image_features, text_features, world_size: int, local_loss: bool, gather_with_grad: bool):
+    """Scale the features' gradient by W where only this rank's features carry gradient into a
+    loss every rank computes in full (neither flag): DDP's average then equals the gradient of
+    the global loss (see the module docstring)."""
+    if world_size > 1 and not local_loss and not gather_with_grad:
+        return _ScaleGrad.apply(image_features, world_size), _ScaleGrad.apply(text_features, world_size)
+    return image_features, text_features
