@@ -122,7 +122,7 @@ def _caption_shards(data, output, device, batch_size, seed, load, generation):
     """This process's share of the shards; under torchrun each rank takes every N-th shard."""
     import os
 
-    from ..data.datasets import resolve_shards
+    from ..data.shards import resolve_shards
     from ..train.distributed import resolve_device
     from ..tasks.recaption import caption_shard, my_shards
 

@@ -84,7 +84,8 @@ def prepare_coco_command(
              coca prepare-coco --root data/coco --split-style official --shards data/coco/shards
              coca train --model coca_ViT-B-32 --data data/coco/shards/train2014/
     """
-    from ..data.coco import COCO_BASE_URL, coco_archives, fetch_coco, prepare_coco
+    from ..data.coco import prepare_coco
+    from ..data.coco_download import COCO_BASE_URL, coco_archives, fetch_coco
 
     wanted = splits.split(",") if splits is not None else None
     if split_style not in ("auto", "karpathy", "official"):

@@ -15,37 +15,24 @@ Determinism (what makes ``--resume`` exact and one process equal to many):
   decoding). With ``--dataset-resampled`` shards are drawn with replacement and a resumed
   epoch starts a fresh stream instead.
 
-Shards are read with the standard library's ``tarfile`` following webdataset's layout (files
-sharing a key up to the first dot of their name form one sample: ``0001.jpg``, ``0001.txt``),
-from local paths, ``http(s)://`` URLs or ``pipe:COMMAND`` (e.g. ``pipe:aws s3 cp s3://b/x.tar -``).
+Reading the sources themselves is in :mod:`.tables` and :mod:`.shards`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
-import json
 import random
 import re
-import subprocess
-import tarfile
-import urllib.request
-import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional
 
 import torch
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import CocaError
-
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
-CAPTION_KEYS = ("txt", "json")
-JSON_CAPTION_FIELDS = ("caption", "text", "txt", "captions")  # "captions": a list, the first is used
-MAX_SUBSTITUTIONS = 64  # CSV: how far to look for a readable sample in place of a broken one
+from .samples import SkipSample, decode_image, failing_on, sample_seed, seeded
+from .shards import caption_of, image_of, resolve_shards, shard_sizes, shuffled, tar_samples
+from .tables import CsvSamples, read_table
 
 
 @dataclass
@@ -86,216 +73,7 @@ def dataset_kind(spec: str, dataset_type: str = "auto") -> str:
     return "webdataset"
 
 
-def expand_braces(pattern: str) -> list[str]:
-    """``train-{0000..0002}.tar`` -> three names; ``{a,b}`` alternatives too (nested allowed)."""
-    match = re.search(r"\{([^{}]*)\}", pattern)
-    if match is None:
-        return [pattern]
-    head, tail, body = pattern[:match.start()], pattern[match.end():], match.group(1)
-    numeric = re.fullmatch(r"(\d+)\.\.(\d+)", body)
-    if numeric:
-        lo, hi = numeric.groups()
-        width = len(lo) if lo.startswith("0") or len(lo) == len(hi) else 0
-        items = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
-    else:
-        items = body.split(",")
-    return [name for item in items for name in expand_braces(head + item + tail)]
-
-
-def _is_remote(url: str) -> bool:
-    return url.startswith(("pipe:", "http://", "https://"))
-
-
-def resolve_shards(spec: str) -> list[str]:
-    """Shard URLs from a folder, a tar file, a brace pattern, or several of those joined by ``::``."""
-    shards: list[str] = []
-    for part in filter(None, (p.strip() for p in spec.split("::"))):
-        for name in expand_braces(part):
-            if _is_remote(name):
-                shards.append(name)
-                continue
-            path = Path(name).expanduser()
-            if path.is_dir():
-                found = sorted(str(p) for p in path.glob("*.tar"))
-                if not found:
-                    raise CocaError(f"no .tar shards in {path}")
-                shards += found
-            elif path.is_file():
-                shards.append(str(path))
-            else:
-                raise CocaError(f"training data not found: {name}")
-    if not shards:
-        raise CocaError(f"no shards in '{spec}'")
-    return shards
-
-
-def shard_sizes(shards: Sequence[str]) -> Optional[int]:
-    """Total samples from the ``sizes.json`` files beside the shards (open_clip's convention)."""
-    total, cache = 0, {}
-    for shard in shards:
-        if _is_remote(shard):
-            return None
-        folder = Path(shard).parent
-        if folder not in cache:
-            sizes = folder / "sizes.json"
-            try:
-                cache[folder] = json.loads(sizes.read_text()) if sizes.is_file() else None
-            except (OSError, ValueError):
-                cache[folder] = None
-        if not cache[folder] or Path(shard).name not in cache[folder]:
-            return None
-        total += int(cache[folder][Path(shard).name])
-    return total
-
-
-# -- decoding one sample -------------------------------------------------------------------------
-
-class SkipSample(Exception):
-    """A sample that cannot be used; the message is the reason it is counted under."""
-
-
-def decode_image(data: bytes) -> Image.Image:
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            image.load()
-        return image
-    except MemoryError:
-        raise
-    except Exception:  # noqa: BLE001 - any decoder failure means this sample is unusable
-        raise SkipSample("unreadable image") from None
-
-
-@contextlib.contextmanager
-def failing_on(sample: str):
-    """An unexpected error while preparing a sample names the sample: from a loader worker it would
-    otherwise arrive as a traceback about the worker. Unusable samples (SkipSample) pass through."""
-    try:
-        yield
-    except (SkipSample, CocaError, MemoryError):
-        raise
-    except Exception as err:  # noqa: BLE001 - reported whole, in one line
-        raise CocaError(f"failed on {sample}: {type(err).__name__}: {err}", exit_code=1) from None
-
-
-def image_of(sample: dict) -> bytes:
-    """The encoded image of a shard sample, under the first of IMAGE_KEYS it has."""
-    key = next((k for k in IMAGE_KEYS if k in sample), None)
-    if key is None:
-        raise SkipSample("no image")
-    return sample[key]
-
-
-def caption_of(sample: dict) -> str:
-    for key in CAPTION_KEYS:
-        if key not in sample:
-            continue
-        raw = sample[key]
-        try:
-            text = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
-            if key == "json":
-                obj = json.loads(text)
-                text = next((obj[f] for f in JSON_CAPTION_FIELDS if isinstance(obj, dict) and obj.get(f)), "")
-                if isinstance(text, list):
-                    text = next((t for t in text if isinstance(t, str) and t.strip()), "")
-        except (UnicodeDecodeError, ValueError):
-            raise SkipSample("unreadable caption") from None
-        if isinstance(text, str) and text.strip():
-            return text.strip()
-    raise SkipSample("no caption")
-
-
-def seeded(transform: Callable, image, seed: int):
-    """Apply a random transform with its own seed, leaving the process's generators untouched."""
-    state = random.getstate()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        random.seed(seed)
-        try:
-            return transform(image)
-        finally:
-            random.setstate(state)
-
-
-def sample_seed(*parts: int) -> int:
-    value = 0
-    for part in parts:
-        value = (value * 1_000_003 + int(part)) % (1 << 62)
-    return value
-
-
-# -- CSV / TSV -----------------------------------------------------------------------------------
-
-def column_separator(path: Path, separator: Optional[str] = None) -> str:
-    """The separator given (``\\t`` or ``tab`` spelled out for a tab), else by suffix: ',' for .csv,
-    tab otherwise (open_clip's default)."""
-    if separator is None:
-        return "," if Path(path).suffix.lower() == ".csv" else "\t"
-    return "\t" if separator in ("\\t", "tab") else separator
-
-
-def read_table(path: str, img_key: str, caption_key: str, separator: Optional[str]) -> tuple[list[str], list]:
-    import pandas as pd
-
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise CocaError(f"data file not found: {path}")
-    sep = column_separator(file, separator)
-    try:
-        table = pd.read_csv(file, sep=sep, dtype=str, keep_default_na=False,
-                            engine="python" if len(sep) > 1 else "c")
-    except UnicodeDecodeError as err:
-        raise CocaError(f"{file} is not UTF-8 text (byte {err.start})") from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as err:
-        raise CocaError(f"cannot read {file} as a table: {str(err).splitlines()[0] if str(err) else err}") from None
-    missing = [k for k in (img_key, caption_key) if k not in table.columns]
-    if missing:
-        raise CocaError(f"{file} has no column {', '.join(repr(m) for m in missing)} (columns: "
-                        f"{', '.join(map(str, table.columns))}; choose with --csv-img-key/--csv-caption-key)")
-    if len(table) == 0:
-        raise CocaError(f"{file} has no rows")
-    base = file.parent
-    paths = []
-    for name in table[img_key].tolist():
-        p = Path(name).expanduser()
-        paths.append(str(p if p.is_absolute() or p.exists() else base / p))  # relative to cwd, else to the table
-    return paths, table[caption_key].tolist()
-
-
-class CsvSamples(Dataset):
-    """Items are (index, epoch) pairs; a broken sample is replaced by the next readable one."""
-
-    def __init__(self, paths: list[str], captions: list, transform: Callable, seed: int):
-        self.paths, self.captions, self.transform, self.seed = paths, captions, transform, seed
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def load(self, index: int, epoch: int):
-        caption = self.captions[index]
-        if not isinstance(caption, str) or not caption.strip():
-            raise SkipSample("no caption")
-        try:
-            data = Path(self.paths[index]).read_bytes()
-        except OSError:
-            raise SkipSample("unreadable image") from None
-        with failing_on(self.paths[index]):
-            image = decode_image(data)
-            return seeded(self.transform, image, sample_seed(self.seed, epoch, index)), caption.strip()
-
-    def __getitem__(self, item):
-        index, epoch = item
-        skipped: Counter = Counter()
-        for attempt in range(MAX_SUBSTITUTIONS):
-            try:
-                image, caption = self.load((index + attempt) % len(self.paths), epoch)
-                return image, caption, skipped
-            except SkipSample as why:
-                skipped[str(why)] += 1
-        raise CocaError(f"{MAX_SUBSTITUTIONS} unusable samples in a row from row {index} of the table "
-                        f"({', '.join(f'{n} {k}' for k, n in skipped.items())})")
-
+# -- this rank's micro-batches -------------------------------------------------------------------
 
 class GlobalBatches(torch.utils.data.Sampler):
     """This rank's micro-batches: its slice of each global batch of a seeded permutation."""
@@ -328,66 +106,6 @@ def _collate(tokenizer):
             skipped.update(s)
         return Batch(torch.stack([i for i, _, _ in items]), tokenizer([c for _, c, _ in items]), skipped)
     return collate
-
-
-# -- webdataset shards ---------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def open_stream(url: str):
-    """A readable byte stream: a local file, an http(s) URL or a ``pipe:`` command's output."""
-    if url.startswith("pipe:"):
-        proc = subprocess.Popen(url[len("pipe:"):], shell=True, stdout=subprocess.PIPE)
-        try:
-            yield proc.stdout
-        finally:
-            proc.stdout.close()
-            proc.wait()
-    elif url.startswith(("http://", "https://")):
-        with urllib.request.urlopen(url, timeout=60) as response:
-            yield response
-    else:
-        with open(url, "rb") as f:
-            yield f
-
-
-def tar_samples(url: str, problems: Counter) -> Iterator[dict]:
-    """Samples of one shard: {'__key__': key, '__url__': url, ext: bytes, ...}; a broken shard ends early, counted."""
-    current: dict = {}
-    try:
-        with open_stream(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                folder, _, base = member.name.rpartition("/")
-                if "." not in base:
-                    continue
-                stem, ext = base.split(".", 1)
-                key = f"{folder}/{stem}" if folder else stem
-                if current and current["__key__"] != key:
-                    yield current
-                    current = {}
-                current["__key__"], current["__url__"] = key, url
-                current[ext.lower()] = tar.extractfile(member).read()
-    except (OSError, tarfile.TarError, EOFError) as err:
-        problems[f"unreadable shard ({type(err).__name__})"] += 1
-    if current:
-        yield current
-
-
-def shuffled(items: Iterator, size: int, rng: random.Random) -> Iterator:
-    """Buffer shuffle: keep ``size`` items, hand out a random one as each new one arrives."""
-    if size <= 1:
-        yield from items
-        return
-    buffer: list = []
-    for item in items:
-        buffer.append(item)
-        if len(buffer) >= size:
-            i = rng.randrange(len(buffer))
-            buffer[i], buffer[-1] = buffer[-1], buffer[i]
-            yield buffer.pop()
-    rng.shuffle(buffer)
-    yield from buffer
 
 
 class ShardStream(IterableDataset):
@@ -579,4 +297,3 @@ def eval_batches(spec: str, cfg: DataConfig, transform: Callable, tokenizer, lim
 
 def describe_skipped(skipped: Counter) -> str:
     return ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items())) or "none"
-

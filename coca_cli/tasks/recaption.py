@@ -15,7 +15,8 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from ..data.datasets import SkipSample, decode_image, failing_on, image_of, tar_samples
+from ..data.samples import SkipSample, decode_image, failing_on
+from ..data.shards import image_of, tar_samples
 from ..data.tokenizer import decode
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path
@@ -25,6 +24,7 @@ from torch import nn
 
 from ..model.config import CoCaConfig, builtin_name, get_model_config
 from ..errors import CocaError
+from ..files import atomic_write
 
 NATIVE_WEIGHTS = "model.safetensors"
 NATIVE_CONFIG = "config.json"
@@ -167,26 +167,6 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
 
 
 # -- writing ---------------------------------------------------------------------------------
-
-def atomic_write(target: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename: never a half file."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in state.items()}
