@@ -16,9 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import CLIPTextCfg, CLIPVisionCfg, CoCaConfig, MultimodalCfg
-from .decoder import MultimodalDecoder
 from .layers import LayerNorm, LayerNormFp32, QuickGELU
-from .text import TextTransformer
+from .text import MultimodalDecoder, TextTransformer
 from .vision import VisionTransformer
 
 
@@ -110,12 +109,12 @@ class CoCa(nn.Module):
         text encoder still sees the padded sequence, its CLS token comes after the padding.
         """
         if image_latent is None or image_embs is None:
-            image_latent, image_embs = self._encode_image(image)
+            image_latent, image_embs = self._encode_image(image)  # [B, D], [B, N, width]
         if text is None:
             return {"image_features": image_latent, "image_embs": image_embs}
 
-        text_latent, token_embs = self._encode_text(text)
-        labels = text[:, 1:] if output_labels else None
+        text_latent, token_embs = self._encode_text(text)  # [B, D], [B, T, width]
+        labels = text[:, 1:] if output_labels else None  # [B, T-1]
         if output_labels:
             token_embs = token_embs[:, :-1]  # position t predicts token t+1 (teacher forcing)
         if caption_tokens_only and labels is not None:

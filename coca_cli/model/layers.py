@@ -189,6 +189,7 @@ class ResidualBlock(nn.Module):
         self.ls_2 = LayerScale(width, ls_init_value) if ls_init_value is not None else nn.Identity()
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, context: Optional[torch.Tensor] = None):
+        """x [B, T, C] -> [B, T, C]; context [B, N, C] (cross-attention); mask [T, T] or [B, 1, T, T]."""
         if context is not None:
             context = self.ln_1_kv(context)
         x = x + self.ls_1(self.attn(self.ln_1(x), context=context, mask=mask))

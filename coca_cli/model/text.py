@@ -1,7 +1,10 @@
-"""Unimodal text encoder: a causal transformer over tokens with a CLS token appended.
+"""The text side: a unimodal text encoder, then a multimodal decoder that reads the image.
 
-The CLS output is the contrastive text feature; the other positions are the token
-embeddings the multimodal decoder continues from.
+``TextTransformer`` is a causal transformer over tokens with a CLS token appended: the CLS
+output is the contrastive text feature, the other positions are the token embeddings the
+decoder continues from. ``MultimodalDecoder`` runs each layer as a self-attention block then
+a cross-attention block to the image tokens (open_clip's ``resblocks[i]`` and
+``cross_attn[i]``), then a final LayerNorm and a projection to the vocabulary.
 """
 
 from __future__ import annotations
@@ -9,10 +12,12 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
-from .config import CLIPTextCfg
-from .layers import KVCache, LayerNorm, Transformer, causal_mask, init_transformer_blocks
+from .config import CLIPTextCfg, MultimodalCfg
+from .layers import KVCache, LayerNorm, ResidualBlock, Transformer, causal_mask, init_transformer_blocks
+from .packed import linear
 
 
 class TextTransformer(nn.Module):
@@ -81,24 +86,24 @@ class TextTransformer(nn.Module):
         keep = None
         if self.cls_emb is not None:
             x = torch.cat([x, self.cls_emb.to(x.dtype).expand(B, 1, -1)], dim=1)  # [B, L+1, width]
-            cls_keep = (text[:, -1:] != self.pad_id)
-            keep = torch.cat([self.key_keep_mask(text), cls_keep], dim=1)
+            cls_keep = (text[:, -1:] != self.pad_id)  # [B, 1]
+            keep = torch.cat([self.key_keep_mask(text), cls_keep], dim=1)  # [B, L+1]
         T = x.shape[1]
         x = x + self.positional_embedding[:T].to(x.dtype)
-        mask = causal_mask(T, x.device)
+        mask = causal_mask(T, x.device)  # [T, T]
         if keep is not None:
             mask = (mask.unsqueeze(0) & keep[:, None, :]).unsqueeze(1)  # [B, 1, T, T]
         x = self.transformer(x, mask)
 
         if self.cls_emb is not None:
-            pooled, tokens = self.ln_final(x[:, -1]), x[:, :-1]
+            pooled, tokens = self.ln_final(x[:, -1]), x[:, :-1]  # CLS [B, width], [B, L, width]
         else:
             x = self.ln_final(x)
             tokens = x
             index = {"argmax": text.argmax(dim=-1), "first": torch.zeros_like(text[:, 0])}.get(
                 self.pool_type, torch.full_like(text[:, 0], L - 1))
-            pooled = x[torch.arange(B, device=x.device), index]
-        pooled = self._project(pooled)
+            pooled = x[torch.arange(B, device=x.device), index]  # [B, width]
+        pooled = self._project(pooled)  # [B, output_dim]
         return (pooled, tokens) if self.output_tokens else pooled
 
     # -- incremental decoding -------------------------------------------------------------
@@ -108,9 +113,65 @@ class TextTransformer(nn.Module):
     def step(self, tokens: torch.Tensor, cache: list[KVCache], previous: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Token embeddings for new tokens [B, T_new] given the cached past (CLS not needed)."""
         start = cache[0].length
-        x = self.token_embedding(tokens)
+        x = self.token_embedding(tokens)  # [B, T_new, width]
         x = x + self.positional_embedding[start:start + tokens.shape[1]].to(x.dtype)
         keep = self.key_keep_mask(tokens, previous)
         for block, layer_cache in zip(self.transformer.resblocks, cache):
             x = block.step_self(x, layer_cache, keep)
         return x
+
+
+class MultimodalDecoder(nn.Module):
+    def __init__(self, cfg: MultimodalCfg, vocab_size: int, act_layer=nn.GELU, norm_layer=LayerNorm):
+        super().__init__()
+        self.context_length = cfg.context_length
+        self.width, self.layers = cfg.width, cfg.layers
+        self.grad_checkpointing = False
+
+        def block(cross: bool) -> ResidualBlock:
+            return ResidualBlock(cfg.width, cfg.heads, cfg.mlp_ratio, cfg.ls_init_value, act_layer, norm_layer,
+                                 cross_attention=cross)
+
+        self.resblocks = nn.ModuleList([block(cross=False) for _ in range(cfg.layers)])
+        self.cross_attn = nn.ModuleList([block(cross=True) for _ in range(cfg.layers)])
+        self.ln_final = norm_layer(cfg.width)
+        self.text_projection = nn.Parameter(torch.empty(cfg.width, vocab_size))
+        nn.init.normal_(self.text_projection, std=cfg.width ** -0.5)
+
+    def set_grad_checkpointing(self, enable: bool = True):
+        self.grad_checkpointing = enable
+
+    def forward(self, image_embs: torch.Tensor, text_embs: torch.Tensor,
+                positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """image_embs [B, N, width], text_embs [B, T, width] -> logits [B, T, vocab].
+
+        With ``positions`` ([B, T] bool) only those positions are projected: logits [P, vocab].
+        """
+        mask = causal_mask(text_embs.shape[1], text_embs.device)  # [T, T]
+        x = text_embs
+        for self_block, cross_block in zip(self.resblocks, self.cross_attn):
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(self_block, x, mask, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(cross_block, x, None, image_embs, use_reentrant=False)
+            else:
+                x = self_block(x, mask)
+                x = cross_block(x, context=image_embs)
+        if positions is not None:
+            x = x[positions]  # [P, width]
+        return self.ln_final(x) @ self.text_projection  # [B, T, vocab] or [P, vocab]
+
+    # -- incremental decoding -------------------------------------------------------------
+    def new_cache(self) -> list[KVCache]:
+        return [KVCache() for _ in self.resblocks]
+
+    def image_kv(self, image_embs: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Cross-attention keys/values of the image tokens: computed once per image."""
+        return [block.context_kv(image_embs) for block in self.cross_attn]  # per layer: k, v [B, heads, N, head_dim]
+
+    def step(self, text_embs: torch.Tensor, cache: list[KVCache], image_kv) -> torch.Tensor:
+        """Logits [B, vocab] of the last new position, given cached past positions."""
+        x = text_embs
+        for self_block, cross_block, layer_cache, (k, v) in zip(self.resblocks, self.cross_attn, cache, image_kv):
+            x = self_block.step_self(x, layer_cache)
+            x = cross_block.step_cross(x, k, v)
+        return linear(self.ln_final(x[:, -1]), self.text_projection.T)  # [B, vocab]

@@ -25,7 +25,7 @@ class AttentionalPooler(nn.Module):
         self.ln_k = norm_layer(context_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, context_dim] -> [B, n_queries, dim]
-        q = self.ln_q(self.query).unsqueeze(0).expand(x.shape[0], -1, -1)
+        q = self.ln_q(self.query).unsqueeze(0).expand(x.shape[0], -1, -1)  # [B, n_queries, dim]
         return self.attn(q, context=self.ln_k(x))
 
 
@@ -80,20 +80,20 @@ class VisionTransformer(nn.Module):
         """[B, 3, H, W] -> latent [B, output_dim] and tokens [B, T, dim] for the decoder."""
         x = self.conv1(images)  # [B, width, grid, grid]
         x = x.flatten(2).transpose(1, 2)  # [B, grid*grid, width]
-        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # [B, 1, width]
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # [B, 1 + grid*grid, width]
         x = self.ln_pre(self.patch_dropout(x))
         x = self.transformer(x)
 
         if self.attn_pool is not None:
             x = self.ln_post(self.attn_pool(x))  # [B, n_queries, output_dim]
-            pooled, tokens = x[:, 0], x[:, 1:]
+            pooled, tokens = x[:, 0], x[:, 1:]  # [B, output_dim], [B, n_queries - 1, output_dim]
         elif self.final_ln_after_pool:
             pooled, tokens = self._global_pool(x)
             pooled = self.ln_post(pooled)
         else:
             pooled, tokens = self._global_pool(self.ln_post(x))
-        pooled = pooled @ self.proj
+        pooled = pooled @ self.proj  # [B, output_dim]
         return (pooled, tokens) if self.output_tokens else pooled
 
     def _global_pool(self, x: torch.Tensor):
