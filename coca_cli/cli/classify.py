@@ -42,7 +42,7 @@ def load_contrastive(model: Optional[str], pretrained: Optional[str], device: st
 
 def embed_batches(net, transform, paths: Sequence[Path], batch_size: int, workers: int) -> Iterator:
     """Image feature batches behind a progress bar; each unreadable image is reported as it comes."""
-    from ..tasks.retrieval import iter_image_features
+    from ..tasks.embeddings import iter_image_features
 
     with progress(len(paths), "embedding images") as advance:
         for batch in iter_image_features(net, transform, paths, batch_size, workers):

@@ -49,7 +49,7 @@ def zeroshot_command(
     Example: coca eval zeroshot --data imagenet/val --templates imagenet --output results.json
     """
     fmt = stdout_format(output_format)
-    from ..tasks.retrieval import ImageFeatures
+    from ..tasks.embeddings import ImageFeatures
     from ..tasks.templates import load_templates
     from ..tasks.zeroshot import build_classifier, read_image_folder, zeroshot_accuracy
 
@@ -95,7 +95,8 @@ def retrieval_command(
     Example: coca eval retrieval --data pairs.tsv --output results.json
     """
     fmt = stdout_format(output_format)
-    from ..tasks.retrieval import ImageFeatures, embed_texts, read_pairs, retrieval_recall
+    from ..tasks.embeddings import ImageFeatures, embed_texts
+    from ..tasks.retrieval import read_pairs, retrieval_recall
 
     pairs = read_pairs(data, img_key, caption_key, separator)
     net, transform, tokenizer = load_contrastive(model, pretrained, device, precision)

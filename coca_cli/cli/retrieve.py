@@ -83,7 +83,8 @@ def retrieve_command(
 def _images_for_texts(images, paths, queries, index, top_k, model, pretrained, device, precision, batch_size,
                       workers):
     """Text→image: embed what the index lacks, then rank the whole collection for each query."""
-    from ..tasks.retrieval import ImageIndex, embed_texts, model_fingerprint, search
+    from ..tasks.embeddings import embed_texts
+    from ..tasks.retrieval import ImageIndex, model_fingerprint, search
 
     net, transform, tokenizer = load_contrastive(model, pretrained, device, precision)
     store = ImageIndex(index or _default_index(images), model_fingerprint(net))
@@ -123,7 +124,8 @@ def _save(store) -> None:
 
 def _texts_for_images(candidates, paths, top_k, model, pretrained, device, precision, batch_size, workers):
     """Image→text: every candidate text is embedded once, then ranked for each query image."""
-    from ..tasks.retrieval import ImageFeatures, embed_texts, search
+    from ..tasks.embeddings import ImageFeatures, embed_texts
+    from ..tasks.retrieval import search
 
     net, transform, tokenizer = load_contrastive(model, pretrained, device, precision)
     candidate_features = embed_texts(net, tokenizer, candidates)

@@ -1,2 +1,2 @@
-"""What a model is used for: captioning (and recaptioning shards), zero-shot classification,
-retrieval, and caption metrics."""
+"""What a model is used for: captioning (and recaptioning shards), embeddings for zero-shot
+classification and retrieval, and caption metrics."""

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .coco_metrics import METRIC_NAMES, score_captions
+from .caption_metrics import METRIC_NAMES, score_captions
 from ..errors import CocaError, reading
 from .retrieval import read_pairs
 

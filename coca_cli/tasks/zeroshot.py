@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ..errors import CocaError
 from ..data.inputs import collect_images
-from .retrieval import embed_texts
+from .embeddings import embed_texts
 from .templates import DEFAULT_TEMPLATE, fill
 
 
