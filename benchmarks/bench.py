@@ -12,7 +12,7 @@ train: optimizer steps on synthetic tensors already on the device (data loading 
 measured): AdamW, ``CoCaLoss(caption 2.0, contrastive 1.0)``, autocast on CUDA, captions of
 COCO-like lengths (8 to 18 tokens of 76). Each side trains as its training script does:
 open_clip's model, loss and ``torch.optim.AdamW``; ours with ``caption_tokens_only`` and
-``coca_cli.train.loop.make_optimizer`` (fused AdamW). Both start from the same weights and see the
+``coca_cli.train.optim.make_optimizer`` (fused AdamW). Both start from the same weights and see the
 same batches, so their loss curves are compared too (max relative difference).
 
 loader: ``coca train``'s webdataset loader on real JPEGs (COCO-sized crops of scikit-image's
@@ -45,7 +45,8 @@ import open_clip  # noqa: E402
 from coca_cli.model.config import get_model_config  # noqa: E402
 from coca_cli.train.loss import CoCaLoss  # noqa: E402
 from coca_cli.model.coca import CoCa  # noqa: E402
-from coca_cli.train.loop import TrainConfig, make_optimizer, param_groups  # noqa: E402
+from coca_cli.train.config import TrainConfig  # noqa: E402
+from coca_cli.train.optim import make_optimizer, param_groups  # noqa: E402
 
 SOT, EOS = 49406, 49407
 LOSS_TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 5e-2}  # max relative difference of the curves

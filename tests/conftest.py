@@ -141,12 +141,15 @@ def one_error_line(capsys) -> str:
 # AFTER logged). There it writes to the READY pipe and waits on the HOLD pipe: a signal lands there
 # and nowhere else.
 COCA_PAUSING = """
-import os, sys
-from coca_cli.tasks import captioning, retrieval
+import os, signal, sys
+from coca_cli.tasks import captioning, embeddings
 from coca_cli.train import loop as train
 from coca_cli.cli import main
 
 ready, hold, after, at = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+# Ctrl-C as in a terminal's foreground, even when the suite itself runs with SIGINT ignored
+# (a background job of a non-interactive shell, nohup), which the command would inherit.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 def pause():
     os.write(ready, b"paused")
@@ -171,7 +174,7 @@ if at == "train_step":
     train.Trainer.train_step = pausing_step(train.Trainer.train_step)
 else:
     captioning.iter_batches = pausing(captioning.iter_batches)
-    retrieval.iter_batches = pausing(retrieval.iter_batches)
+    embeddings.iter_batches = pausing(embeddings.iter_batches)
 sys.exit(main(sys.argv[5:]))
 """
 

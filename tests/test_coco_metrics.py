@@ -5,7 +5,8 @@ import random
 
 import pytest
 
-from coca_cli.tasks import coco_metrics as cm
+from coca_cli.tasks import caption_metrics as cm
+from coca_cli.tasks import ptb_tokenizer as ptb
 
 # COCO-style captions (the first five are real MSCOCO references) and the constructs the
 # evaluation's tokenizer treats specially: contractions, possessives, hyphens, numbers,
@@ -328,12 +329,12 @@ def grouped(lines, size):
 
 def test_tokenizer_matches_pycocoevalcap_on_captions():
     data = grouped(CAPTIONS, 5)
-    assert cm.tokenize(data) == java_tokenize(data)
+    assert ptb.tokenize(data) == java_tokenize(data)
 
 
 def test_tokenizer_matches_pycocoevalcap_on_random_text():
     data = grouped(random_lines(seed=0, count=3000), 3)
-    ours, java = cm.tokenize(data), java_tokenize(data)
+    ours, java = ptb.tokenize(data), java_tokenize(data)
     differ = [(data[k], ours[k], java[k]) for k in data if ours[k] != java[k]]
     assert not differ, differ[:5]
 
@@ -351,18 +352,18 @@ def test_tokenizer_matches_pycocoevalcap_on_random_text():
     ("...!?", "!?"),  # sic: "!?" is one token, and not in pycocoevalcap's punctuation list
 ])
 def test_tokenize_examples(caption, tokens):
-    assert cm.tokenize_caption(caption) == tokens
-    assert cm.tokenize({"x": [caption]}) == {"x": [tokens]}
+    assert ptb.tokenize_caption(caption) == tokens
+    assert ptb.tokenize({"x": [caption]}) == {"x": [tokens]}
 
 
 def test_line_breaks_inside_a_caption_stay_inside_it():
     # pycocoevalcap replaces "\n" only; a "\r" moves every later caption to the wrong image.
-    out = cm.tokenize({1: ["a dog\r\non grass", "a cat\rsleeping"], 2: ["a bird\u2028flying"]})
+    out = ptb.tokenize({1: ["a dog\r\non grass", "a cat\rsleeping"], 2: ["a bird\u2028flying"]})
     assert out == {1: ["a dog on grass", "a cat sleeping"], 2: ["a bird flying"]}
 
 
 def test_tokenize_accepts_coco_annotation_dicts():
-    assert cm.tokenize({7: [{"caption": "A Dog."}, "A cat!"]}) == {7: ["a dog", "a cat"]}
+    assert ptb.tokenize({7: [{"caption": "A Dog."}, "A cat!"]}) == {7: ["a dog", "a cat"]}
 
 
 # -- scores --------------------------------------------------------------------------------------
@@ -410,8 +411,8 @@ def test_scores_match_pycocoevalcap_each_with_its_own_tokenizer():
 
 def test_scores_match_pycocoevalcap_on_the_same_tokens():
     refs, hyps = random_corpus(seed=2)
-    gts = {k: [cm.tokenize_caption(c) for c in v] for k, v in refs.items()}
-    res = {k: cm.tokenize_caption(v) for k, v in hyps.items()}
+    gts = {k: [ptb.tokenize_caption(c) for c in v] for k, v in refs.items()}
+    res = {k: ptb.tokenize_caption(v) for k, v in hyps.items()}
     # corner cases: empty and one-word hypotheses, repeated words (clipping), a hypothesis
     # exactly between two reference lengths (BLEU's closest length picks the shorter)
     gts.update({"empty": ["a dog runs"], "one": ["dog", "a dog"], "repeat": ["the the cat", "a cat"],
@@ -440,8 +441,8 @@ def test_meteor_matches_pycocoevalcap():
     from pycocoevalcap.meteor.meteor import Meteor
 
     refs, hyps = random_corpus(seed=3, images=25)
-    gts = {k: [cm.tokenize_caption(c) for c in v] for k, v in refs.items()}
-    res = {k: cm.tokenize_caption(v) or "a" for k, v in hyps.items()}
+    gts = {k: [ptb.tokenize_caption(c) for c in v] for k, v in refs.items()}
+    res = {k: ptb.tokenize_caption(v) or "a" for k, v in hyps.items()}
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(1) as pool:  # both JVMs load METEOR's tables at the same time

@@ -196,7 +196,7 @@ def test_official_split_folders_and_a_rerun_with_another_shard_size(tmp_path):
     assert run_cli(*args, "--shard-size", "1") == 0
     assert sorted(p.name for p in shards.iterdir()) == ["train2014", "val2014"]
     assert shard_folder(shards / "val2014") == {f"val2014-00000{i}.tar": 1 for i in range(4)}
-    (shards / "val2014" / "val2014-000007.tar.tmp").write_bytes(b"half")  # left by a run that was killed
+    (shards / "val2014" / ".val2014-000007.tar.k3x_9a2q.tmp").write_bytes(b"half")  # left by a run that was killed
     (shards / "val2014" / "notes.txt").write_text("mine")  # not a shard: kept
     assert run_cli(*args, "--shard-size", "3") == 0
     assert shard_folder(shards / "val2014") == {"notes.txt": None, "val2014-000000.tar": 3, "val2014-000001.tar": 1}

@@ -1,6 +1,6 @@
 """Two CPU processes (gloo), launched by `coca train --gpus 2` itself through torchrun, against one
 process on the same global batch: same losses and, where the loss is exact by construction, the
-same updated weights (1e-5). See coca_cli/train/loop.py's docstring for why each case holds.
+same updated weights (1e-5). See coca_cli/train/loss.py's docstring for why each case holds.
 
 Captions have different lengths, so the two ranks hold different numbers of caption tokens and
 the caption loss normalisation is exercised too.

@@ -51,7 +51,7 @@ def test_scores_existing_captions_by_hand(refs, tmp_path, capsys):
 
 
 def test_java_metrics_are_reported(refs, tmp_path, capsys, monkeypatch):
-    from coca_cli.tasks import coco_metrics
+    from coca_cli.tasks import caption_metrics as coco_metrics
 
     # METEOR's own run is checked against pycocoevalcap in test_coco_metrics; here, the plumbing
     monkeypatch.setattr(coco_metrics, "meteor", lambda gts, res: (0.25, {k: 0.25 for k in gts}))
@@ -148,7 +148,7 @@ def test_captions_and_scores_a_prepared_coco_split(converted, tmp_path, capsys):
     import torch
 
     from coca_cli import create_model_and_transforms, decode
-    from coca_cli.tasks.coco_metrics import score_captions
+    from coca_cli.tasks.caption_metrics import score_captions
     from coca_cli.data.transforms import load_image
 
     root = make_coco(tmp_path / "coco", "2014")

@@ -16,7 +16,7 @@ import open_clip  # reference implementation (test extra)
 from transformers import MaxLengthCriteria
 
 from benchmarks.bench import randomize_
-from coca_cli.model import generation
+from coca_cli.model import decoding
 from coca_cli.model.config import get_model_config
 from coca_cli.model.coca import CoCa
 from coca_cli.model.text import TextTransformer
@@ -129,13 +129,13 @@ def test_beam_search_images_leave_the_batch_and_stop_early(monkeypatch):
     """Images whose groups are all done stop being computed, and the search ends early."""
     ref, ours, images = build_pair(**EARLY)
     rows = []
-    select = generation._IncrementalDecoder.select
+    select = decoding.IncrementalDecoder.select
 
     def spy(self, index):
         rows.append(index.numel())
         return select(self, index)
 
-    monkeypatch.setattr(generation._IncrementalDecoder, "select", spy)
+    monkeypatch.setattr(decoding.IncrementalDecoder, "select", spy)
     kwargs = dict(seq_len=30, num_beams=3, num_beam_groups=1)
     got = ours.generate(images, **kwargs)
     with torch.no_grad():
@@ -171,7 +171,7 @@ def test_stopping_criteria_see_the_same_input_ids(kwargs):
 
 def test_custom_stopping_criterion_stops_beam_search():
     _, ours, images = build_pair(**PLAIN)
-    out = ours.generate(images[:2], seq_len=20, stopping_criteria=[generation.MaxLength(7)])
+    out = ours.generate(images[:2], seq_len=20, stopping_criteria=[decoding.MaxLength(7)])
     assert out.shape == (2, 7)
     out = ours.generate(images[:2], seq_len=20, stopping_criteria=[lambda ids, scores: ids.shape[1] >= 6])
     assert out.shape[0] == 2 and out.shape[1] <= 7

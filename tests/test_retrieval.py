@@ -149,7 +149,8 @@ def test_a_damaged_index_is_rebuilt(tiny, collection, capsys):
 
 def test_index_api(tiny, collection):
     from coca_cli import create_model_and_transforms
-    from coca_cli.tasks.retrieval import ImageIndex, embed_images, iter_image_features, model_fingerprint
+    from coca_cli.tasks.embeddings import embed_images, iter_image_features
+    from coca_cli.tasks.retrieval import ImageIndex, model_fingerprint
 
     model, _, transform = create_model_and_transforms(None, pretrained=tiny[1])
     paths = sorted(collection.iterdir())

@@ -136,7 +136,8 @@ def test_finetune_needs_pretrained(pairs, tmp_path, capsys):
 # -- data -----------------------------------------------------------------------------------------
 
 def test_brace_patterns_and_global_batches():
-    from coca_cli.data.datasets import GlobalBatches, expand_braces
+    from coca_cli.data.datasets import GlobalBatches
+    from coca_cli.data.shards import expand_braces
 
     assert expand_braces("s-{000..002}.tar") == ["s-000.tar", "s-001.tar", "s-002.tar"]
     assert expand_braces("{a,b}/x-{8..10}.tar") == [f"{d}/x-{i}.tar" for d in "ab" for i in (8, 9, 10)]
@@ -236,7 +237,7 @@ def test_webdataset_resume_after_a_crash_is_exact(shards, tmp_path, monkeypatch)
 # -- checkpoints ----------------------------------------------------------------------------------
 
 def test_a_failed_checkpoint_write_leaves_the_previous_one_intact(tmp_path, monkeypatch):
-    from coca_cli.train import loop as train_module
+    from coca_cli.train import checkpoints as train_module
     from coca_cli.errors import CocaError
 
     folder = tmp_path / "checkpoints"
@@ -318,7 +319,7 @@ def test_nonfinite_loss_stops_keeping_the_last_good_checkpoint(pairs, tmp_path, 
     assert run_cli("train", *explode, "--output", run) == 1
     err = capsys.readouterr().err
     assert "non-finite loss at step 2" in err and "step_000000001.pt" in err and "--skip-nonfinite" in err
-    from coca_cli.train.loop import load_checkpoint
+    from coca_cli.train.checkpoints import load_checkpoint
 
     assert checkpoints(run) == ["step_000000001.pt"]
     assert load_checkpoint(run / "checkpoints" / "step_000000001.pt")["step"] == 1
@@ -339,7 +340,7 @@ def test_sigterm_saves_a_checkpoint_and_exits(pairs, tmp_path):
     assert paused.proc.returncode == 143, log
     assert "stopped by SIGTERM after step 4" in log and "--resume latest" in log
     assert checkpoints(run) == ["step_000000004.pt"]
-    from coca_cli.train.loop import load_checkpoint
+    from coca_cli.train.checkpoints import load_checkpoint
 
     assert load_checkpoint(run / "checkpoints" / "step_000000004.pt")["step"] == 4
 
@@ -403,7 +404,7 @@ def test_a_training_checkpoint_is_weights_wherever_pretrained_is_accepted(comman
 
 
 def test_the_checkpoint_an_interrupt_leaves_is_as_usable_as_final(interrupted, pairs, tmp_path, capsys):
-    from coca_cli.train.loop import load_checkpoint
+    from coca_cli.train.checkpoints import load_checkpoint
 
     assert run_cli("convert", interrupted, "--output", tmp_path / "native") == 0
     assert_same_weights(load_file(str(tmp_path / "native" / "model.safetensors")),
@@ -509,7 +510,7 @@ def test_the_training_bar_shows_steps_and_eta_on_a_narrow_terminal(columns, pair
 
 
 def test_plain_progress_lines_when_stderr_is_not_a_terminal(pairs, tmp_path, capsys, monkeypatch):
-    from coca_cli.train.loop import Progress
+    from coca_cli.train.progress import Progress
 
     args = [*FAST, "--data", pairs, "--batch-size", "8", "--epochs", "1", "--log-every-n-steps", "100"]
     monkeypatch.setattr(Progress, "plain_every_s", float("inf"))  # as if every step were quick

@@ -29,7 +29,7 @@ def test_classifier_and_probabilities_match_open_clip(tiny, template_set):
     from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 
     from coca_cli import create_model_and_transforms, get_tokenizer
-    from coca_cli.tasks.retrieval import embed_images
+    from coca_cli.tasks.embeddings import embed_images
     from coca_cli.tasks.templates import load_templates
     from coca_cli.tasks.zeroshot import build_classifier, classify
 
