@@ -108,7 +108,11 @@ def test_missing_inputs_are_reported_before_torch_is_imported(tmp_path):
     (tmp_path / "texts.txt").write_text("a dog\n")
     commands = [["caption", "nope.jpg"], ["classify", "nope.jpg", "--labels", "dog,cat"],
                 ["retrieve", "--images", "nope/", "--query", "a dog"],
-                ["retrieve", "--texts", "texts.txt", "--image", "nope.jpg"]]
+                ["retrieve", "--texts", "texts.txt", "--image", "nope.jpg"],
+                ["classify", "texts.txt", "--labels-file", "labels.txt"],
+                ["eval", "zeroshot", "--data", "val/"], ["eval", "retrieval", "--data", "pairs.tsv"],
+                ["eval", "captions", "--data", "refs.tsv"],
+                ["eval", "captions", "--data", "texts.txt", "--predictions", "captions.jsonl"]]
     code = ("import sys; from coca_cli.cli import main\n"
             f"for argv in {commands!r}:\n"
             "    assert main(argv) == 2 and 'torch' not in sys.modules, argv\n")
@@ -116,7 +120,9 @@ def test_missing_inputs_are_reported_before_torch_is_imported(tmp_path):
                             text=True)
     assert result.returncode == 0, result.stderr
     assert result.stderr.splitlines() == ["coca: error: no such file or directory: nope.jpg"] * 2 + [
-        "coca: error: no such file or directory: nope/", "coca: error: no such file or directory: nope.jpg"]
+        "coca: error: no such file or directory: nope/", "coca: error: no such file or directory: nope.jpg",
+        *(f"coca: error: no such file or directory: {name}"
+          for name in ("labels.txt", "val", "pairs.tsv", "refs.tsv", "captions.jsonl"))]
 
 
 @pytest.mark.parametrize("device, backend", [("cuda", "cuda"), ("cuda:0", "cuda"), ("mps", "mps")])

@@ -128,9 +128,10 @@ def classify_command(
     Example: coca classify photos/ --labels dog,cat,car
              coca classify img.jpg --labels-file classes.txt --templates imagenet --output labels.csv
     """
-    from ..data.inputs import collect_images
+    from ..data.inputs import collect_images, require_paths
 
     paths = collect_images(inputs)  # before torch is imported: a typo is reported at once
+    require_paths(labels_file)
     fmt = stdout_format(output_format, as_json)
     check_output_file(output)
     from ..tasks.templates import load_templates

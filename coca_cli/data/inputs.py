@@ -16,6 +16,13 @@ from ..errors import CocaError
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
+def require_paths(*paths: Path | None) -> None:
+    """Each path given (None: the option was not used) exists; checked before torch is imported."""
+    for path in paths:
+        if path is not None and not Path(path).expanduser().exists():
+            raise CocaError(f"no such file or directory: {path}")
+
+
 def collect_images(inputs: Iterable[str]) -> list[Path]:
     """Files as given, image files under directories (recursively), and glob patterns.
 
