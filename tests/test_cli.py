@@ -121,8 +121,8 @@ def test_missing_inputs_are_reported_before_torch_is_imported(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stderr.splitlines() == ["coca: error: no such file or directory: nope.jpg"] * 2 + [
         "coca: error: no such file or directory: nope/", "coca: error: no such file or directory: nope.jpg",
-        *(f"coca: error: no such file or directory: {name}"
-          for name in ("labels.txt", "val", "pairs.tsv", "refs.tsv", "captions.jsonl"))]
+        "coca: error: no such labels file: labels.txt", "coca: error: no such folder: val",
+        *(f"coca: error: no such file: {name}" for name in ("pairs.tsv", "refs.tsv", "captions.jsonl"))]
 
 
 @pytest.mark.parametrize("device, backend", [("cuda", "cuda"), ("cuda:0", "cuda"), ("mps", "mps")])

@@ -65,12 +65,10 @@ def fail_if_skipped(skipped: int, total: int) -> None:
 
 
 def labels_from(labels: Optional[str], labels_file: Optional[Path]) -> list[str]:
-    """Class names from exactly one of --labels (comma separated) and --labels-file."""
+    """Class names from --labels (comma separated) or --labels-file (the caller refuses both)."""
     from ..tasks.templates import read_lines
     from ..tasks.zeroshot import check_classnames
 
-    if labels is not None and labels_file is not None:
-        raise CocaError("give --labels or --labels-file, not both")
     if labels_file is not None:
         return check_classnames(read_lines(labels_file, "labels file"))
     if labels is None:
@@ -128,10 +126,12 @@ def classify_command(
     Example: coca classify photos/ --labels dog,cat,car
              coca classify img.jpg --labels-file classes.txt --templates imagenet --output labels.csv
     """
-    from ..data.inputs import collect_images, require_paths
+    from ..data.inputs import collect_images, require_path
 
     paths = collect_images(inputs)  # before torch is imported: a typo is reported at once
-    require_paths(labels_file)
+    if labels is not None and labels_file is not None:
+        raise CocaError("give --labels or --labels-file, not both")
+    require_path(labels_file, "labels file")
     fmt = stdout_format(output_format, as_json)
     check_output_file(output)
     from ..tasks.templates import load_templates

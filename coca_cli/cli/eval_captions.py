@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from ..data.inputs import require_paths
+from ..data.inputs import require_path
 from ..errors import CocaError
 from . import err_console, pick_device, progress, stdout_format
 from .evaluate import eval_app, print_record, write_json
@@ -62,7 +62,8 @@ def captions_command(
     Example: coca eval captions --data coco/karpathy_test.tsv --output results.json
              coca eval captions --data coco/karpathy_test.tsv --predictions captions.jsonl
     """
-    require_paths(data, predictions)  # before torch is imported
+    require_path(data, "file")  # before torch is imported
+    require_path(predictions, "file")
     from ..tasks.caption_eval import evaluate_captions, match_predictions, metric_rows, read_predictions, read_references
 
     if predictions is not None and (pretrained is not None or model is not None):

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from ..data.inputs import require_paths
+from ..data.inputs import require_path
 from . import app, err_console, stdout_format
 from .classify import embed_batches, fail_if_skipped, load_contrastive, require_features, with_defaults
 from .options import (BatchSizeOption, ContrastivePretrainedOption, DeviceOption, FormatOption, ModelOption,
@@ -49,7 +49,7 @@ def zeroshot_command(
     \b
     Example: coca eval zeroshot --data imagenet/val --templates imagenet --output results.json
     """
-    require_paths(data)  # before torch is imported
+    require_path(data, "folder")  # before torch is imported
     fmt = stdout_format(output_format)
     from ..tasks.embeddings import ImageFeatures
     from ..tasks.templates import load_templates
@@ -96,7 +96,7 @@ def retrieval_command(
     \b
     Example: coca eval retrieval --data pairs.tsv --output results.json
     """
-    require_paths(data)  # before torch is imported
+    require_path(data, "file")  # before torch is imported
     fmt = stdout_format(output_format)
     from ..tasks.embeddings import ImageFeatures, embed_texts
     from ..tasks.retrieval import read_pairs, retrieval_recall

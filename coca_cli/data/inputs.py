@@ -16,11 +16,11 @@ from ..errors import CocaError
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
-def require_paths(*paths: Path | None) -> None:
-    """Each path given (None: the option was not used) exists; checked before torch is imported."""
-    for path in paths:
-        if path is not None and not Path(path).expanduser().exists():
-            raise CocaError(f"no such file or directory: {path}")
+def require_path(path: Path | None, what: str) -> None:
+    """The file an option names (None: the option was not used) exists, checked before torch is
+    imported; ``what`` names its role in the message ("labels file")."""
+    if path is not None and not Path(path).expanduser().exists():
+        raise CocaError(f"no such {what}: {path}")
 
 
 def collect_images(inputs: Iterable[str]) -> list[Path]:
