@@ -17,7 +17,24 @@ from pathlib import Path
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
-class HubServer:
+class LocalServer:
+    """A threaded HTTP server on 127.0.0.1 for a ``with`` block; subclasses supply the handler."""
+
+    def __init__(self, handler: type[BaseHTTPRequestHandler]):
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+class HubServer(LocalServer):
     def __init__(self, files: dict[str, Path]):
         self.files = files  # "org/repo/filename" -> local file
         self.requests: Counter = Counter()
@@ -58,17 +75,7 @@ class HubServer:
             def do_GET(self):
                 self._serve(body=True)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().__init__(Handler)
 
     def etag(self, path: Path) -> str:
         """The file's sha256, computed on its first request."""

@@ -5,15 +5,15 @@ from __future__ import annotations
 import csv
 import io
 import json
-import threading
 import zipfile
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from conftest import one_error_line, run_cli
+from hub_server import LocalServer
 
 # image id -> its five captions; a few carry tabs, newlines, quotes and padding
 CAPTIONS = {
@@ -275,7 +275,7 @@ def test_broken_annotation_file_is_one_line(tmp_path, capsys):
 
 # -- downloads -----------------------------------------------------------------------------------
 
-class ArchiveServer:
+class ArchiveServer(LocalServer):
     """Serves archives on 127.0.0.1 with Range support; can cut a response short once."""
 
     def __init__(self, files: dict[str, bytes]):
@@ -316,17 +316,7 @@ class ArchiveServer:
                     self.wfile.flush()
                     self.close_connection = True
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().__init__(Handler)
 
     def gets(self, path: str) -> list[str]:
         return [r for m, p, r in self.requests if m == "GET" and p == path]

@@ -76,7 +76,8 @@ def prepare_coco_command(
 ):
     """Turn a COCO download into caption TSVs (filepath, title; one row per caption) and shards.
 
-    Images listed in the annotations but missing on disk are left out and reported (exit 1).
+    Images listed in the annotations but missing on disk, or whose paths lead outside --root
+    (.., absolute paths, symlinks to elsewhere), are left out and reported (exit 1).
 
     \b
     Example: coca prepare-coco --root data/coco
@@ -100,7 +101,7 @@ def prepare_coco_command(
         split_style = style
     with _CountProgress() as bar:
         reports = prepare_coco(root, output, split_style, year, absolute, wanted, shards, shard_size, progress=bar)
-    missing = 0
+    missing = outside = 0
     for r in reports:
         line = f"{r.tsv}: {r.images} images, {r.captions} captions"
         if r.shards:
@@ -113,5 +114,13 @@ def prepare_coco_command(
             total = len(r.missing) + r.images
             err_console.print(f"{r.name}: {len(r.missing)} of {total} images not found, left out (first: "
                               f"{r.missing[0]})")
+        for entry in r.outside:  # quoted: the annotation file chose the name, newlines and all
+            err_console.print(f"{r.name}: image {entry.image_id} left out: {str(entry.image)!r} leads outside {root}")
+        outside += len(r.outside)
+    problems = []
     if missing:
-        raise CocaError(f"{missing} images listed in the annotations are missing under {root}", exit_code=1)
+        problems.append(f"{missing} images listed in the annotations are missing under {root}")
+    if outside:
+        problems.append(f"{outside} image paths in the annotations lead outside {root}, left out")
+    if problems:
+        raise CocaError("; ".join(problems), exit_code=1)

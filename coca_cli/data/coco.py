@@ -23,6 +23,7 @@ import os
 import re
 import tarfile
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
@@ -60,6 +61,26 @@ class CocoSources:
         if self.karpathy:
             parts.append("dataset_coco.json")
         return ", ".join(parts) or "nothing"
+
+    @cached_property
+    def _trusted_folders(self) -> list[Path]:
+        """The root and the image folders found in it (which may be symlinks to elsewhere: the
+        layout is the user's, unlike the paths the annotation files name), fully resolved."""
+        return [Path(os.path.realpath(p)) for p in (self.root, *self.image_dirs.values())]
+
+    def holds(self, path: Path) -> bool:
+        """Whether ``path``, with ``..`` and symlinks resolved, lies inside the root or one of its
+        image folders: annotation files come from the network and may name any file."""
+        return resolves_inside(path, self._trusted_folders)
+
+
+def resolves_inside(path: Path, folders: list[Path]) -> bool:
+    """Whether the real location of ``path`` lies in one of ``folders`` (already resolved)."""
+    try:
+        real = Path(os.path.realpath(path))
+    except (OSError, ValueError):  # a NUL byte in the name
+        return False
+    return any(real.is_relative_to(folder) for folder in folders)
 
 
 def find_coco(root: Path) -> CocoSources:
@@ -231,6 +252,7 @@ class SplitReport:
     images: int = 0  # written
     captions: int = 0  # written
     missing: list[Path] = field(default_factory=list)  # images not on disk: not written
+    outside: list[Entry] = field(default_factory=list)  # paths leading outside the root: not read, not written
     empty_captions: int = 0  # captions that were blank: not written
     shards: list[Path] = field(default_factory=list)
 
@@ -297,8 +319,9 @@ def prepare_coco(root: Path, output: Optional[Path] = None, style: str = "auto",
                  shard_size: int = 5000, progress: Optional[ProgressFn] = None) -> list[SplitReport]:
     """Write ``{output}/{split}.tsv`` for every split (and shards in ``{shards}/{split}/``).
 
-    Images missing from disk are left out and listed in each report's ``missing``; blank
-    captions are left out and counted. Relative paths are relative to the TSV's folder.
+    Images missing from disk are left out and listed in each report's ``missing``, paths that
+    lead outside the root (``..``, absolute, symlinks) in ``outside``; blank captions are left
+    out and counted. Relative paths are relative to the TSV's folder.
     """
     sources = find_coco(root)
     output = Path(output).expanduser() if output is not None else sources.root
@@ -320,6 +343,9 @@ def prepare_coco(root: Path, output: Optional[Path] = None, style: str = "auto",
         report = SplitReport(name, tsv)
         rows, present = [], []
         for entry in entries:
+            if not sources.holds(entry.image):
+                report.outside.append(entry)
+                continue
             if not index.exists(entry.image):
                 report.missing.append(entry.image)
                 continue

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 from ..errors import CocaError
-from .coco import OFFICIAL_SPLITS, YEARS, ProgressFn, check_splits
+from .coco import OFFICIAL_SPLITS, YEARS, ProgressFn, check_splits, resolves_inside
 
 COCO_BASE_URL = "http://images.cocodataset.org"
 KARPATHY_URL = "https://cs.stanford.edu/people/karpathy/deepimagesent/caption_datasets.zip"
@@ -79,7 +79,10 @@ def download(url: str, dest: Path, progress: Optional[ProgressFn] = None, timeou
     """Fetch ``url`` to ``dest`` through ``dest.part``, resuming a partial file with a Range request.
 
     The file is renamed into place only once its size matches what the server announced; an
-    interrupted transfer leaves the ``.part`` file for the next call to continue.
+    interrupted transfer leaves the ``.part`` file for the next call to continue. A server that
+    answers a resumption from byte 0 (a 200, or a 206 from the start) gets its body written over
+    the ``.part`` file; one that answers from any other byte is asked once more, for the whole
+    file: a ``.part`` file the server will not continue is never kept to fail the same way again.
     """
     part = dest.with_name(dest.name + ".part")
     have = part.stat().st_size if part.exists() else 0
@@ -96,16 +99,19 @@ def download(url: str, dest: Path, progress: Optional[ProgressFn] = None, timeou
         reason = getattr(err, "reason", err)
         raise CocaError(f"cannot download {url}: {reason}", exit_code=1) from None
     with response:
+        # 200: the whole file (the server ignored or does not support ranges); 206: from `start`
+        start = _range_start(response.headers.get("Content-Range")) if response.status == 206 else 0
+        if start not in (0, have):
+            if not have:  # the whole file was asked for
+                raise CocaError(f"cannot download {url}: asked for the whole file, the server sent a part of it "
+                                f"({response.headers.get('Content-Range') or 'no Content-Range'})", exit_code=1)
+            response.close()
+            part.unlink()
+            return download(url, dest, progress, timeout, chunk)
+        have = start
         length = response.headers.get("Content-Length")
-        if response.status == 206:
-            start = _range_start(response.headers.get("Content-Range"))
-            if start != have:
-                raise CocaError(f"cannot resume {url}: the server sent bytes from {start}, not {have}", exit_code=1)
-            total = int(length) + have if length is not None else None
-            mode = "ab"
-        else:  # 200: the whole file (the server ignored or does not support ranges)
-            have, mode = 0, "wb"
-            total = int(length) if length is not None else None
+        total = int(length) + have if length is not None else None
+        mode = "ab" if have else "wb"
         label = dest.name
         done = have
         try:
@@ -175,9 +181,9 @@ def extract_zip(archive: Path, root: Path, only: Optional[list[str]] = None) -> 
 
 
 def _safe_target(folder: Path, name: str, archive: Path) -> Path:
-    target = (folder / name).resolve()
-    if not target.is_relative_to(folder.resolve()):
-        raise CocaError(f"{archive.name} holds an unsafe path ({name}); not extracted", exit_code=1)
+    target = folder / name
+    if not resolves_inside(target, [folder.resolve()]):
+        raise CocaError(f"{archive.name} holds an unsafe path ({name!r}); not extracted", exit_code=1)
     return target
 
 
