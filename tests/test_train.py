@@ -245,10 +245,9 @@ def test_a_failed_checkpoint_write_leaves_the_previous_one_intact(tmp_path, monk
     train_module.save_checkpoint(folder / "step_000000001.pt", good)
     real_save = torch.save
 
-    def dies_half_way(obj, path):
-        real_save(obj, path)
-        with open(path, "r+b") as f:
-            f.truncate(os.path.getsize(path) // 2)
+    def dies_half_way(obj, file):  # checkpoints are saved through an open file
+        real_save(obj, file)
+        file.truncate(file.tell() // 2)
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", dies_half_way)

@@ -30,8 +30,9 @@ def caption_command(
     batch_size: BatchSizeOption = 8,
     workers: WorkersOption = 0,
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write to FILE (.jsonl, .csv, .tsv or .txt); "
-                                          "with --data, a folder."),
-    as_json: bool = typer.Option(False, "--json", help="JSON Lines on stdout instead of path<TAB>caption."),
+                                          "with --data, a folder. An existing file that coca did not write is "
+                                          "refused."),
+    as_json: bool = typer.Option(False, "--json", help="JSON Lines on stdout instead of path<TAB>caption lines."),
     resume: bool = typer.Option(False, help="Skip images already in --output (shards are always resumed)."),
     generation_type: GenerationTypeOption = "beam_search",
     seq_len: SeqLenOption = None,
@@ -45,6 +46,9 @@ def caption_command(
     seed: SeedOption = None,
 ):
     """Caption images, writing each result as soon as it is ready.
+
+    Lines are path<TAB>caption (stdout and .txt); a backslash, tab, newline or carriage return
+    in a path or caption is written as \\\\, \\t, \\n or \\r, so each result is one line.
 
     \b
     Examples:
@@ -73,6 +77,8 @@ def caption_command(
     if data is not None:
         if output is None:
             raise CocaError("--data needs --output DIR: one .jsonl file per shard is written there")
+        if output.exists() and not output.is_dir():
+            raise CocaError(f"--output {output} is a file; with --data it is the folder for one .jsonl per shard")
         from ..train.distributed import default_processes, launched, relaunch
 
         nproc = gpus or default_processes()
@@ -98,6 +104,9 @@ def _caption_files(paths, output, as_json, resume, device, batch_size, workers, 
     from ..tasks.captioning import CaptionWriter, caption_images
 
     writer = CaptionWriter(output, as_json=as_json, resume=resume)
+    if writer.earlier.cut_line:
+        err_console.print(f"warning: line {writer.earlier.cut_line} of {output} was left unfinished by an interrupted "
+                          "run: it is dropped and its image captioned again")
     todo = [p for p in paths if str(p) not in writer.done]
     if not todo:
         writer.close()
@@ -122,7 +131,7 @@ def _caption_shards(data, output, device, batch_size, seed, load, generation):
     """This process's share of the shards; under torchrun each rank takes every N-th shard."""
     import os
 
-    from ..data.shards import resolve_shards
+    from ..data.shards import BrokenShard, resolve_shards
     from ..train.distributed import resolve_device
     from ..tasks.recaption import caption_shard, my_shards
 
@@ -135,7 +144,15 @@ def _caption_shards(data, output, device, batch_size, seed, load, generation):
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     net, transform, generator, generation = _load(resolve_device(device, local_rank, world_size > 1), seed, load,
                                                   generation)
+    broken = 0
     for shard in todo:
-        report = caption_shard(net, transform, shard, output, batch_size, generator=generator, **generation)
+        try:
+            report = caption_shard(net, transform, shard, output, batch_size, generator=generator, **generation)
+        except BrokenShard as err:
+            broken += 1
+            err_console.print(f"{err}: no captions written for it")
+            continue
         skipped = ", ".join(f"{n} {why}" for why, n in report.skipped.items())
         err_console.print(f"{Path(shard).name}: {report.captioned} captioned" + (f", skipped {skipped}" if skipped else ""))
+    if broken:
+        raise CocaError(f"{broken} of {len(todo)} shards could not be read whole; run again to retry them", exit_code=1)

@@ -93,11 +93,12 @@ def result_sink(output: Optional[Path], fmt: str, columns: Sequence[str],
 
 
 def check_output_file(output: Optional[Path]) -> None:
-    """An --output suffix we cannot write is a usage error before any model loads."""
-    from ..tasks.output import file_format
+    """An --output suffix we cannot write, or an existing file coca did not write, is a usage error
+    before any model loads."""
+    from ..tasks.output import check_replaceable, file_format
 
     if output is not None:
-        file_format(output)
+        check_replaceable(output, file_format(output))
 
 
 # -- coca classify -------------------------------------------------------------------------------

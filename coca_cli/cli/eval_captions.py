@@ -13,7 +13,7 @@ from rich.text import Text
 from ..data.inputs import require_path
 from ..errors import CocaError
 from . import err_console, pick_device, progress, stdout_format
-from .evaluate import eval_app, print_record, write_json
+from .evaluate import check_json_output, eval_app, print_record, write_json
 from .options import (BatchSizeOption, CaptionPretrainedOption, DeviceOption, FormatOption, GenerationTypeOption,
                       MinSeqLenOption, ModelOption, NumBeamGroupsOption, NumBeamsOption, PrecisionOption,
                       RepetitionPenaltyOption, SeedOption, SeparatorOption, SeqLenOption, TemperatureOption, TopKOption,
@@ -69,6 +69,7 @@ def captions_command(
     if predictions is not None and (pretrained is not None or model is not None):
         raise CocaError("--predictions scores existing captions: drop --model/--pretrained")
     fmt = stdout_format(output_format)
+    check_json_output(output)
     references = read_references(data, img_key, caption_key, separator)
     references = references.first(limit)
     failed = 0

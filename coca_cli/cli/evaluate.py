@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Optional
@@ -51,6 +50,7 @@ def zeroshot_command(
     """
     require_path(data, "folder")  # before torch is imported
     fmt = stdout_format(output_format)
+    check_json_output(output)
     from ..tasks.embeddings import ImageFeatures
     from ..tasks.templates import load_templates
     from ..tasks.zeroshot import build_classifier, read_image_folder, zeroshot_accuracy
@@ -98,8 +98,10 @@ def retrieval_command(
     """
     require_path(data, "file")  # before torch is imported
     fmt = stdout_format(output_format)
+    check_json_output(output)
     from ..tasks.embeddings import ImageFeatures, embed_texts
-    from ..tasks.retrieval import read_pairs, retrieval_recall
+    from ..data.tables import read_pairs
+    from ..tasks.retrieval import retrieval_recall
 
     pairs = read_pairs(data, img_key, caption_key, separator)
     net, transform, tokenizer = load_contrastive(model, pretrained, device, precision)
@@ -151,7 +153,16 @@ def print_record(fmt: str, record: dict, rows: list) -> None:
     RecordWriter(sys.stdout, fmt, METRIC_COLUMNS).write(record, rows)
 
 
+def check_json_output(output: Optional[Path]) -> None:
+    """An existing --output that is not a results file coca wrote is refused before any model loads."""
+    from ..tasks.output import check_replaceable
+
+    check_replaceable(output, "json")
+
+
 def write_json(output: Path, result: dict) -> None:
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    """Whole or not at all (a full disk is one line, exit 1, after the results were printed)."""
+    from ..tasks.output import write_json_file
+
+    write_json_file(output, result)
     err_console.print(f"wrote {output}")

@@ -63,12 +63,16 @@ def retrieve_command(
     candidates = read_lines(texts, "texts file") if texts else None
     fmt = stdout_format(output_format, as_json)
     check_output_file(output)
-    from ..tasks.retrieval import write_html
+    from ..tasks.retrieval import check_index_file, write_html
+
+    if index is not None:
+        check_index_file(index)  # before the model loads: never replace someone else's file
 
     options = dict(model=model, pretrained=pretrained, device=device, precision=precision, batch_size=batch_size,
                    workers=workers)
+    unsaved = None  # an index that could not be written is reported after the results
     if images:
-        rankings, skipped = _images_for_texts(images, paths, query, index, top_k, **options)
+        rankings, skipped, unsaved = _images_for_texts(images, paths, query, index, top_k, **options)
     else:
         rankings, skipped = _texts_for_images(candidates, paths, top_k, **options)
     with result_sink(output, fmt, rankings[0].columns, _show) as emit:
@@ -77,17 +81,22 @@ def retrieve_command(
     if html is not None:
         write_html(html, rankings)
         err_console.print(f"wrote {html}")
+    if unsaved is not None:
+        raise unsaved
     fail_if_skipped(skipped, len(paths))
 
 
 def _images_for_texts(images, paths, queries, index, top_k, model, pretrained, device, precision, batch_size,
                       workers):
-    """Text→image: embed what the index lacks, then rank the whole collection for each query."""
+    """Text→image: embed what the index lacks, then rank the whole collection for each query.
+    Returns the rankings, the images skipped and the error of an index that could not be written."""
     from ..tasks.embeddings import embed_texts
     from ..tasks.retrieval import ImageIndex, model_fingerprint, search
 
     net, transform, tokenizer = load_contrastive(model, pretrained, device, precision)
     store = ImageIndex(index or _default_index(images), model_fingerprint(net))
+    if store.damaged:
+        err_console.print(f"warning: rebuilding the index {store.path}: {store.damaged}")
     skipped = 0
     try:
         for batch in embed_batches(net, transform, store.stale(paths), batch_size, workers):
@@ -97,11 +106,11 @@ def _images_for_texts(images, paths, queries, index, top_k, model, pretrained, d
         _save(store)
         raise
     found = store.lookup(paths)
-    _save(store)
+    unsaved = _save(store)
     require_features(found, len(paths))
     query_features = embed_texts(net, tokenizer, queries)
     rankings = search(queries, query_features, [str(p) for p in found.paths], found.features, top_k)
-    return rankings, skipped
+    return rankings, skipped, unsaved
 
 
 def _default_index(images: List[str]) -> Optional[Path]:
@@ -112,14 +121,17 @@ def _default_index(images: List[str]) -> Optional[Path]:
     return folder / INDEX_FILE if len(images) == 1 and folder.is_dir() else None
 
 
-def _save(store) -> None:
-    """A read-only collection still gets its results; only the reuse next time is lost."""
+def _save(store) -> Optional[CocaError]:
+    """Write the index; a failure (a full disk, a read-only collection) is returned, so that the
+    results are still printed before it is reported."""
     try:
         store.save()
-    except OSError as err:
-        err_console.print(f"warning: cannot write the index {store.path}: {err.strerror or err}")
+        unsaved = None
+    except CocaError as err:
+        unsaved = err
     where = f" (index: {store.path})" if store.path else " (no index: pass --index FILE to keep them)"
     err_console.print(f"embedded {store.embedded} new images, reused {store.reused}, removed {store.removed}{where}")
+    return unsaved
 
 
 def _texts_for_images(candidates, paths, top_k, model, pretrained, device, precision, batch_size, workers):

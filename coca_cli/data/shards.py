@@ -58,7 +58,7 @@ def resolve_shards(spec: str) -> list[str]:
                 continue
             path = Path(name).expanduser()
             if path.is_dir():
-                found = sorted(str(p) for p in path.glob("*.tar"))
+                found = sorted(str(p) for p in path.glob("*.tar") if p.is_file())  # not a FIFO named x.tar
                 if not found:
                     raise CocaError(f"no .tar shards in {path}")
                 shards += found
@@ -139,11 +139,38 @@ def open_stream(url: str):
             yield f
 
 
-def tar_samples(url: str, problems: Counter) -> Iterator[dict]:
-    """Samples of one shard: {'__key__': key, '__url__': url, ext: bytes, ...}; a broken shard ends early, counted."""
+class BrokenShard(CocaError):
+    """A shard whose stream ended early or is damaged: what was read from it is not all of it."""
+
+    def __init__(self, url: str, reason):
+        super().__init__(f"shard {url} is cut short or damaged ({reason})", exit_code=1)
+
+
+class _EndCheckedTarInfo(tarfile.TarInfo):
+    """tarfile ends iteration quietly at a missing, partial or garbled header after the first
+    member, so a shard cut at any point would read as a shorter, whole one. Only the
+    end-of-archive marker (a zero block) ends a shard here; anything else is an error."""
+
+    @classmethod
+    def frombuf(cls, buf, encoding, errors):
+        try:
+            return super().frombuf(buf, encoding, errors)
+        except tarfile.EOFHeaderError:
+            raise
+        except tarfile.HeaderError as err:
+            raise tarfile.ReadError(f"{err} where the next member or the end-of-archive marker should be") from None
+
+
+def tar_samples(url: str, problems: Optional[Counter] = None) -> Iterator[dict]:
+    """Samples of one shard: {'__key__': key, '__url__': url, ext: bytes, ...}.
+
+    A shard that is cut short or damaged raises BrokenShard where the damage is found (samples
+    before it were handed out already); given ``problems`` (training, where it only means fewer
+    samples), it is counted there instead and the shard just ends.
+    """
     current: dict = {}
     try:
-        with open_stream(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+        with open_stream(url) as stream, tarfile.open(fileobj=stream, mode="r|*", tarinfo=_EndCheckedTarInfo) as tar:
             for member in tar:
                 if not member.isfile():
                     continue
@@ -158,6 +185,8 @@ def tar_samples(url: str, problems: Counter) -> Iterator[dict]:
                 current["__key__"], current["__url__"] = key, url
                 current[ext.lower()] = tar.extractfile(member).read()
     except (OSError, tarfile.TarError, EOFError) as err:
+        if problems is None:
+            raise BrokenShard(url, err) from None
         problems[f"unreadable shard ({type(err).__name__})"] += 1
     if current:
         yield current

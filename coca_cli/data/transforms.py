@@ -8,7 +8,9 @@ geometric ops (resize / crop / pad) run on the image *in its original PIL mode*
 and the conversion to RGB happens afterwards.  This matters for exact parity on
 palette images (Pillow resizes mode ``P`` with nearest-neighbour), RGBA images
 (Pillow resizes with premultiplied alpha) and 16-bit images (values are clipped
-to 255 only after resizing).
+to 255 only after resizing).  One deliberate departure keeps memory bounded by the output
+size: an image more than 64 times longer than wide (or the reverse) is cropped before it is
+resized, not after (see ``ResizeCoverCrop``).
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import (
-    CenterCrop,
     ColorJitter,
     Compose,
     Grayscale,
@@ -36,6 +37,8 @@ from torchvision.transforms import (
     Resize,
     ToTensor,
 )
+
+from ..files import NotRegularFile, open_regular
 
 __all__ = [
     "OPENAI_MEAN",
@@ -159,7 +162,8 @@ class ResizeKeepRatio:
         box_h, box_w = self.size
         scale_h, scale_w = height / box_h, width / box_w
         factor = max(scale_h, scale_w) if self.longest else min(scale_h, scale_w)
-        return round(height / factor), round(width / factor)
+        # at least one pixel: fitting a 1 x 1,000,000 image into the box would round its width to 0
+        return max(1, round(height / factor)), max(1, round(width / factor))
 
     def __call__(self, img):
         _, height, width = TF.get_dimensions(img)
@@ -169,6 +173,55 @@ class ResizeKeepRatio:
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(size={self.size}, longest={self.longest}, "
                 f"interpolation={self.interpolation.value})")
+
+
+# When scaling would make an image more than this many times the output's area (aspect ratios
+# past 64:1 for a square output), the 'shortest' mode resizes only the region its crop keeps.
+CROP_FIRST_ABOVE = 64
+
+
+class ResizeCoverCrop:
+    """Scale the image to cover an (h, w) box, then center-crop it to the box ('shortest' mode).
+
+    A square box scales the short side as torchvision's ``Resize(int)`` (long side truncated),
+    another box as ``ResizeKeepRatio`` (rounded), as open_clip does. An image far from the box's
+    aspect ratio would be huge once scaled (1 x 1,000,000 pixels: 224 x 224,000,000), so when the
+    scaled image exceeds ``CROP_FIRST_ABOVE`` times the box, only the source region the crop keeps
+    is resized (PIL's ``resize(box=...)``) and memory stays proportional to the output. Below
+    that bound the whole image is resized then cropped, bit for bit as open_clip: the box's
+    float32 coordinates and Pillow's choice of which axis to resample first would move some
+    pixels by a level or two.
+    """
+
+    def __init__(self, size: SizeLike, interpolation: InterpolationMode = InterpolationMode.BICUBIC):
+        self.size = _pair(size)
+        self.interpolation = interpolation
+        height, width = self.size
+        self.keep_ratio = None if height == width else ResizeKeepRatio(self.size, longest=False)
+
+    def scaled_size(self, width: int, height: int) -> Tuple[int, int]:
+        """(height, width) of the image scaled to cover the box, before the crop."""
+        if self.keep_ratio is not None:
+            return self.keep_ratio.target_size(width, height)
+        side = self.size[0]
+        if width <= height:
+            return int(side * height / width), side
+        return side, int(side * width / height)
+
+    def __call__(self, img):
+        _, height, width = TF.get_dimensions(img)
+        new_h, new_w = self.scaled_size(width, height)
+        out_h, out_w = self.size
+        if new_h * new_w <= CROP_FIRST_ABOVE * out_h * out_w or not isinstance(img, Image.Image):
+            return TF.center_crop(TF.resize(img, [new_h, new_w], self.interpolation), [out_h, out_w])
+        # the crop torchvision's center_crop would take, mapped back onto the source
+        top, left = int(round((new_h - out_h) / 2.0)), int(round((new_w - out_w) / 2.0))
+        scale_y, scale_x = height / new_h, width / new_w
+        box = (left * scale_x, top * scale_y, (left + out_w) * scale_x, (top + out_h) * scale_y)
+        return img.resize((out_w, out_h), TF.pil_modes_mapping[self.interpolation], box=box)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size}, interpolation={self.interpolation.value})"
 
 
 class CenterCropOrPad:
@@ -293,13 +346,8 @@ def _eval_transform(image_size, mean, std, interpolation, resize_mode, fill_colo
         # ignore the aspect ratio
         steps = [Resize((height, width), interpolation=interp)]
     else:  # shortest: fill the box, crop the overflow
-        if height == width:
-            # int size: torchvision scales the short side to `height` and truncates the long side
-            resize = Resize(height, interpolation=interp)
-        else:
-            # open_clip uses a keep-ratio resize here which is always bicubic
-            resize = ResizeKeepRatio((height, width), longest=False)
-        steps = [resize, CenterCrop((height, width))]
+        # open_clip's keep-ratio resize for a non-square box is always bicubic
+        steps = [ResizeCoverCrop((height, width), interp if height == width else InterpolationMode.BICUBIC)]
 
     steps += [ToRGB(), ToTensorIfNeeded(), Normalize(mean=mean, std=std)]
     return Compose(steps)
@@ -393,7 +441,9 @@ def load_image(path: Union[str, os.PathLike]) -> Image.Image:
     frame of animated / multi-page files is decoded.
     """
     try:
-        fh = open(path, "rb")
+        fh = open_regular(path)
+    except NotRegularFile as exc:
+        raise ImageLoadError(path, "not a regular file") from exc
     except FileNotFoundError as exc:
         raise ImageLoadError(path, "file not found") from exc
     except IsADirectoryError as exc:
@@ -404,11 +454,8 @@ def load_image(path: Union[str, os.PathLike]) -> Image.Image:
         raise ImageLoadError(path, f"cannot open file ({exc.strerror or exc})") from exc
 
     with fh:
-        try:
-            if os.fstat(fh.fileno()).st_size == 0:
-                raise ImageLoadError(path, "empty file")
-        except OSError:  # not a regular file we can stat; let Pillow decide
-            pass
+        if os.fstat(fh.fileno()).st_size == 0:
+            raise ImageLoadError(path, "empty file")
         # Note: catch_warnings changes process-global warning filters for the
         # duration of the block.
         with warnings.catch_warnings():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -82,10 +83,13 @@ class CoCaConfig:
 
     @classmethod
     def from_dict(cls, raw: dict, name: str = "custom") -> "CoCaConfig":
+        """The config in ``raw`` (a parsed JSON object), checked before any tensor is allocated."""
+        if not isinstance(raw, dict):
+            raise CocaError(f"model config {name} must be a JSON object")
         raw = dict(raw)
         raw.pop("custom_text", None)  # open_clip flag; CoCa always has its own text tower
         try:
-            return cls(
+            cfg = cls(
                 embed_dim=raw.pop("embed_dim"),
                 vision_cfg=_build(CLIPVisionCfg, raw.pop("vision_cfg", {}), f"{name}: vision_cfg"),
                 text_cfg=_build(CLIPTextCfg, raw.pop("text_cfg", {}), f"{name}: text_cfg"),
@@ -95,6 +99,10 @@ class CoCaConfig:
             )
         except KeyError as missing:
             raise CocaError(f"model config {name} lacks the required key {missing}") from None
+        problem = _problem(cfg)
+        if problem:
+            raise CocaError(f"model config {name}: {problem}")
+        return cfg
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
@@ -109,8 +117,12 @@ class CoCaConfig:
         return out
 
 
+# CoCaConfig fields that are not plain values: the three sections, and the name it is known by.
+_NOT_VALUES = {"vision_cfg", "text_cfg", "multimodal_cfg", "name"}
+
+
 def _known(cls, raw: dict, where: str) -> dict:
-    names = {f.name for f in dataclasses.fields(cls)} - {"vision_cfg", "text_cfg", "multimodal_cfg", "name"}
+    names = {f.name for f in dataclasses.fields(cls)} - _NOT_VALUES
     unknown = sorted(set(raw) - names)
     if unknown:
         raise CocaError(f"model config {where} has unsupported keys: {', '.join(unknown)}")
@@ -123,6 +135,127 @@ def _build(cls, raw: Any, where: str):
     if not isinstance(raw, dict):
         raise CocaError(f"model config {where} must be a JSON object")
     return cls(**_known(cls, raw, where))
+
+
+# -- validation: a config is checked whole before a model is built from it ----------------------
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON true is not a size
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# What each field type accepts (the annotations are strings: ``from __future__ import annotations``).
+_BY_TYPE = {
+    "int": (lambda v: _is_int(v) and v > 0, "a positive integer"),
+    "float": (_is_number, "a finite number"),
+    "Optional[float]": (lambda v: v is None or _is_number(v), "a finite number or null"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "Optional[str]": (lambda v: v is None or isinstance(v, str), "a string or null"),
+}
+# Fields whose valid range is not their type's.
+_BY_NAME = {
+    "pad_id": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
+    "mlp_ratio": (lambda v: _is_number(v) and v > 0, "a positive number"),
+    "patch_dropout": (lambda v: _is_number(v) and 0 <= v < 1, "a number from 0 to below 1"),
+}
+
+
+def _shown(value) -> str:
+    """A value as the JSON file spells it (2.5, "12", true, null)."""
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def _field_problem(section, prefix: str) -> Optional[str]:
+    for f in dataclasses.fields(section):
+        if f.name in _NOT_VALUES:
+            continue
+        valid, expected = _BY_NAME.get(f.name) or _BY_TYPE[f.type]
+        value = getattr(section, f.name)
+        if not valid(value):
+            return f"{prefix}{f.name} must be {expected}, got {_shown(value)}"
+    return None
+
+
+def _problem(cfg: "CoCaConfig") -> Optional[str]:
+    """What makes ``cfg`` unbuildable (wrong types, sizes that are not positive, widths that do not
+    split into heads, towers that do not fit together), naming the field; None when it is sound."""
+    for section, prefix in ((cfg, ""), (cfg.vision_cfg, "vision_cfg."), (cfg.text_cfg, "text_cfg."),
+                            (cfg.multimodal_cfg, "multimodal_cfg.")):
+        problem = _field_problem(section, prefix)
+        if problem:
+            return problem
+    vision, text, decoder = cfg.vision_cfg, cfg.text_cfg, cfg.multimodal_cfg
+    # the decoder cross-attends to the image tokens: pooled to embed_dim, or the ViT's own width
+    image_tokens = ("embed_dim", cfg.embed_dim) if vision.attentional_pool else ("vision_cfg.width", vision.width)
+    multiples = [("vision_cfg.width", vision.width, "vision_cfg.head_width", vision.head_width),
+                 ("multimodal_cfg.width", decoder.width, "multimodal_cfg.heads", decoder.heads)]
+    equal = [("multimodal_cfg.width", decoder.width, *image_tokens)]
+    if vision.attentional_pool:
+        multiples.append(("embed_dim", cfg.embed_dim, "vision_cfg.attn_pooler_heads", vision.attn_pooler_heads))
+    if not text.hf_model_name:  # a Hugging Face tower's sizes are its own config's
+        multiples.append(("text_cfg.width", text.width, "text_cfg.heads", text.heads))
+        # the decoder continues the text encoder's token embeddings
+        equal.append(("multimodal_cfg.width", decoder.width, "text_cfg.width", text.width))
+    for name, value, divisor_name, divisor in multiples:
+        if value % divisor:
+            return f"{name} ({value}) must be a multiple of {divisor_name} ({divisor})"
+    for name, value, other_name, other in equal:
+        if value != other:
+            return f"{name} ({value}) must equal {other_name} ({other})"
+    if vision.patch_size > vision.image_size:
+        return (f"vision_cfg.patch_size ({vision.patch_size}) must not exceed "
+                f"vision_cfg.image_size ({vision.image_size})")
+    if text.pad_id >= text.vocab_size:
+        return f"text_cfg.pad_id ({text.pad_id}) must be below text_cfg.vocab_size ({text.vocab_size})"
+    return None
+
+
+# -- size: from the config alone, so that an absurd one is refused before it is built ---------
+
+def _block_parameters(width: int, mlp_ratio: float, ls_init_value, cross: bool = False) -> int:
+    """One pre-norm transformer block (layers.ResidualBlock)."""
+    hidden = int(width * mlp_ratio)
+    attention = 4 * width * width + 4 * width  # fused q/k/v weight and bias, output projection
+    mlp = 2 * width * hidden + hidden + width
+    norms = (3 if cross else 2) * 2 * width
+    return attention + mlp + norms + (2 * width if ls_init_value is not None else 0)
+
+
+def parameter_counts(cfg: "CoCaConfig") -> dict[str, int]:
+    """Parameters of each part of the model ``cfg`` describes, by section, computed from its sizes:
+    nothing is built, so a config claiming ten million layers costs nothing. A Hugging Face text
+    tower is not counted: its size is in its hub config, which is not fetched to check a config.
+    tests/test_trust_memory.py checks the sum against models built on the meta device."""
+    embed, vision, text, decoder = cfg.embed_dim, cfg.vision_cfg, cfg.text_cfg, cfg.multimodal_cfg
+    width, grid = vision.width, vision.image_size // vision.patch_size
+    image = (3 * width * vision.patch_size ** 2 + width + (grid * grid + 1) * width
+             + (0 if vision.no_ln_pre else 2 * width)
+             + vision.layers * _block_parameters(width, vision.mlp_ratio, vision.ls_init_value))
+    pooled = width
+    if vision.attentional_pool:
+        pooled = embed
+        attention = 2 * embed * embed + 2 * embed * width + 4 * embed  # q/out from embed_dim, k/v from the ViT
+        image += vision.attn_pooler_queries * embed + attention + 2 * embed + 2 * width
+    image += 2 * pooled + pooled * embed
+    if text.hf_model_name:
+        words = 0
+    else:
+        cls = 1 if text.embed_cls else 0
+        words = (text.vocab_size * text.width + cls * text.width + (text.context_length + cls) * text.width
+                 + text.layers * _block_parameters(text.width, text.mlp_ratio, text.ls_init_value)
+                 + 2 * text.width + text.width * embed + (embed if text.proj_bias else 0))
+    blocks = (_block_parameters(decoder.width, decoder.mlp_ratio, decoder.ls_init_value)
+              + _block_parameters(decoder.width, decoder.mlp_ratio, decoder.ls_init_value, cross=True))
+    captions = decoder.layers * blocks + 2 * decoder.width + decoder.width * text.vocab_size
+    logits = 1 + (1 if cfg.init_logit_bias is not None else 0)
+    return {"vision_cfg": image, "text_cfg": words, "multimodal_cfg": captions, "logit_scale": logits}
 
 
 # -- the config registry ----------------------------------------------------------------------

@@ -60,6 +60,7 @@ from .packed import packed_linears
 SOT_TOKEN_ID = 49406
 EOS_TOKEN_ID = 49407
 GENERATION_TYPES = ("beam_search", "top_k", "top_p")
+FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 def max_decode_length(model) -> int:
@@ -173,10 +174,9 @@ def validate_options(*, generation_type="beam_search", seq_len=30, max_seq_len=7
         raise ValueError(f"{spell('top_p')} must be in (0, 1], not {top_p}")
     if not isinstance(top_k, int) or top_k < 1:
         raise ValueError(f"{spell('top_k')} must be an integer >= 1, not {top_k!r}")
-    if not temperature > 0:
-        raise ValueError(f"{spell('temperature')} must be > 0, not {temperature}")
-    if not repetition_penalty > 0:
-        raise ValueError(f"{spell('repetition_penalty')} must be > 0, not {repetition_penalty}")
+    for name, value in (("temperature", temperature), ("repetition_penalty", repetition_penalty)):
+        if not 0 < value <= FLOAT32_MAX:  # also NaN and inf, and what float32 logits would see as inf
+            raise ValueError(f"{spell(name)} must be a finite number > 0, not {value}")
     if max_seq_len < 1:
         raise ValueError(f"{spell('max_seq_len')} must be >= 1, not {max_seq_len}")
 

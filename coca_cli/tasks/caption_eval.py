@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -12,7 +10,8 @@ from typing import Optional
 
 from .caption_metrics import METRIC_NAMES, score_captions
 from ..errors import CocaError, reading
-from .retrieval import read_pairs
+from ..data.tables import read_pairs, read_rows
+from .captioning import parse_caption_line
 
 
 @dataclass
@@ -42,8 +41,8 @@ def read_references(path: Path, img_key: str = "filepath", caption_key: str = "t
 
 def read_predictions(path: Path) -> dict[str, str]:
     """{image: caption} from JSON Lines (``{"image": ..., "caption": ...}`` a line), a CSV or TSV
-    with ``image`` and ``caption`` columns, or ``image<TAB>caption`` lines (.txt) — the files
-    ``coca caption --output`` writes."""
+    with ``image`` and ``caption`` columns, or ``image<TAB>caption`` lines (.txt, fields escaped as
+    ``coca caption`` writes them) — the files ``coca caption --output`` writes."""
     path = Path(path).expanduser()
     suffix = path.suffix.lower()
     out: dict[str, str] = {}
@@ -56,35 +55,15 @@ def read_predictions(path: Path) -> dict[str, str]:
             raise CocaError(f"{path}, line {line}: {image} already has a caption (line {first_line[image]})")
         out[image], first_line[image] = caption, line
 
-    with reading(path):
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            if suffix in (".csv", ".tsv"):
-                reader = csv.DictReader(f, delimiter="," if suffix == ".csv" else "\t")
-                if not {"image", "caption"} <= set(reader.fieldnames or []):
-                    raise CocaError(f"{path} needs the columns image and caption (has: "
-                                    f"{', '.join(reader.fieldnames or []) or 'none'})")
-                for line, row in enumerate(reader, start=2):
-                    add(row["image"], row["caption"], line)
-            elif suffix == ".txt":
-                for line, text in enumerate(f, start=1):
-                    text = text.rstrip("\r\n")
-                    if not text.strip():
-                        continue
-                    if "\t" not in text:
-                        raise CocaError(f"{path}, line {line}: expected image<TAB>caption")
-                    image, caption = text.split("\t", 1)
-                    add(image, caption, line)
-            else:
-                for line, text in enumerate(f, start=1):
-                    if not text.strip():
-                        continue
-                    try:
-                        row = json.loads(text)
-                    except ValueError as err:
-                        raise CocaError(f"{path}, line {line}: not valid JSON ({err.args[0].split(':')[0]})") from None
-                    if not isinstance(row, dict) or "image" not in row or "caption" not in row:
-                        raise CocaError(f"{path}, line {line}: expected a JSON object with fields image and caption")
-                    add(row["image"], row["caption"], line)
+    if suffix in (".csv", ".tsv"):
+        for line, (image, caption) in read_rows(path, ("image", "caption")):
+            add(image, caption, line)
+    else:
+        with reading(path), open(path, encoding="utf-8-sig", newline="") as f:
+            for line, text in enumerate(f, start=1):
+                if not text.strip():
+                    continue
+                add(*parse_caption_line(text, "txt" if suffix == ".txt" else "jsonl", f"{path}, line {line}"), line)
     if not out:
         raise CocaError(f"no captions in {path}")
     return out

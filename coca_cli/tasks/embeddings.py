@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from ..data.images import iter_batches
+from ..errors import CocaError
+from ..weights.convert import nonfinite_tensor
 
 
 @dataclass
@@ -50,6 +52,7 @@ def iter_image_features(model, transform: Callable, paths: Sequence[Path], batch
             images = batch.images.to(device=param.device, dtype=param.dtype, non_blocking=True)
             # Normalised in float32: in bf16 the unit norm would otherwise be off by up to ~0.4%.
             features = F.normalize(model.encode_image(images, normalize=False).float(), dim=-1).cpu()
+            require_finite(model, features, "image", batch.paths)
         yield ImageFeatures(batch.paths, features, batch.failures)
 
 
@@ -67,4 +70,28 @@ def embed_texts(model, tokenizer: Callable, texts: Sequence[str], batch_size: in
     for start in range(0, len(texts), batch_size):
         tokens = tokenizer(list(texts[start:start + batch_size])).to(device)
         chunks.append(F.normalize(model.encode_text(tokens, normalize=False).float(), dim=-1).cpu())
+        require_finite(model, chunks[-1], "text", [repr(t) for t in texts[start:start + batch_size]])
     return torch.cat(chunks)
+
+
+def require_finite(model, values: torch.Tensor, kind: str, names: Sequence) -> None:
+    """Stop at the first NaN or inf: every score made from it would be NaN too (and NaN is not
+    JSON). ``values`` holds one row per entry of ``names``, which the message quotes."""
+    rows_ok = torch.isfinite(values.reshape(len(values), -1)).all(dim=1)
+    if bool(rows_ok.all()):
+        return
+    name = names[int((~rows_ok).nonzero()[0])]
+    damaged = nonfinite_tensor(model.state_dict())
+    cause = (f"its weights are damaged (tensor {damaged} holds NaN or inf)" if damaged
+             else "a numeric overflow (try --precision fp32)")
+    raise CocaError(f"the model produced non-finite {kind} features for {name}: {cause}", exit_code=1)
+
+
+def logit_scale(model) -> torch.Tensor:
+    """The model's learned temperature ``logit_scale.exp()``, checked: a damaged one would turn
+    every probability into NaN."""
+    scale = model.logit_scale.detach().exp().float().cpu()
+    if not bool(torch.isfinite(scale).all()):
+        raise CocaError(f"the model's logit_scale is {model.logit_scale.item():g}, so its probabilities would "
+                        "not be finite: its weights are damaged", exit_code=1)
+    return scale

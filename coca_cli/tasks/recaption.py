@@ -1,7 +1,8 @@
 """Recaptioning webdataset shards: one JSON Lines file per shard, shards split across processes.
 
-A shard's output is written to ``NAME.jsonl.part`` and renamed when the shard is finished,
-so a finished file means a finished shard: an interrupted run redoes only unfinished shards.
+A shard's output is written to ``NAME.jsonl.part`` and renamed when the shard was read to its
+end-of-archive marker, so a finished file means a whole shard: an interrupted run redoes only
+unfinished shards, and a shard cut short or damaged (BrokenShard) gets no file and is retried.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from ..data.samples import SkipSample, decode_image, failing_on
-from ..data.shards import image_of, tar_samples
+from ..data.shards import BrokenShard, image_of, tar_samples
 from ..data.tokenizer import decode
+from ..errors import writing
 
 
 def shard_output(output: Path, shard: str) -> Path:
@@ -38,7 +40,7 @@ class ShardReport:
 
 
 def _images(shard: str, transform: Callable, skipped: Counter) -> Iterator[tuple[str, torch.Tensor]]:
-    for sample in tar_samples(shard, skipped):
+    for sample in tar_samples(shard):
         try:
             data = image_of(sample)
             with failing_on(f"sample {sample['__key__']} of {sample['__url__']}"):
@@ -51,7 +53,10 @@ def _images(shard: str, transform: Callable, skipped: Counter) -> Iterator[tuple
 
 def caption_shard(model, transform: Callable, shard: str, output: Path, batch_size: int = 32,
                   generator: Optional[torch.Generator] = None, **generate_kwargs) -> ShardReport:
-    """Caption every image of ``shard`` into ``output/NAME.jsonl`` ({"key", "caption"} per line)."""
+    """Caption every image of ``shard`` into ``output/NAME.jsonl`` ({"key", "caption"} per line).
+
+    Raises BrokenShard, leaving no file, when the shard is cut short or damaged.
+    """
     report = ShardReport(shard)
     target = shard_output(output, shard)
     partial = target.with_name(target.name + ".part")
@@ -65,15 +70,19 @@ def caption_shard(model, transform: Callable, shard: str, output: Path, batch_si
         report.captioned += len(keys)
 
     output.mkdir(parents=True, exist_ok=True)
-    with open(partial, "w", encoding="utf-8") as out:
-        keys, images = [], []
-        for key, image in _images(shard, transform, report.skipped):
-            keys.append(key)
-            images.append(image)
-            if len(keys) == batch_size:
+    try:
+        with writing(partial), open(partial, "w", encoding="utf-8") as out:
+            keys, images = [], []
+            for key, image in _images(shard, transform, report.skipped):
+                keys.append(key)
+                images.append(image)
+                if len(keys) == batch_size:
+                    flush(keys, images, out)
+                    keys, images = [], []
+            if keys:
                 flush(keys, images, out)
-                keys, images = [], []
-        if keys:
-            flush(keys, images, out)
+    except BrokenShard:
+        partial.unlink(missing_ok=True)
+        raise
     os.replace(partial, target)
     return report

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import base64
-import csv
 import hashlib
 import html
 import io
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -14,15 +14,21 @@ from typing import Optional, Sequence
 import torch
 
 from ..files import atomic_write
-from ..data.tables import column_separator
-from ..errors import CocaError, reading
+from ..errors import CocaError
 from ..data.transforms import ImageLoadError, load_image
 from .embeddings import ImageFeatures
 
 # -- the image index --------------------------------------------------------------------------
 
 INDEX_FILE = ".coca-index.pt"
-_INDEX_FORMAT = "coca-image-index/1"
+# The index file: this line, the SHA-256 (hex) of everything after its own line, a JSON header line
+# (model, paths, sizes, mtimes, shape) and the features as raw little-endian float32, row by row.
+_INDEX_MAGIC = b"coca-image-index/2\n"
+_EARLIER_INDEX = b"coca-image-index/1"  # near the start of the torch.save'd indexes of earlier versions
+
+
+class IndexDamaged(Exception):
+    """An index file that cannot be trusted; the reason is the message."""
 
 
 def model_fingerprint(model, sample: int = 1024) -> str:
@@ -54,34 +60,55 @@ def _stamp(path: Path) -> Optional[tuple[int, int]]:
     return stat.st_size, stat.st_mtime_ns
 
 
+def check_index_file(path: Path) -> None:
+    """Refuse (exit 2) an ``--index`` path holding something other than an index, so that no weights
+    file or photo is ever replaced by one. Empty files and damaged or earlier indexes may be replaced."""
+    path = Path(path)
+    if path.is_dir():
+        raise CocaError(f"--index {path} is a folder: give the index file's name")
+    try:
+        with open(path, "rb") as file:
+            head = file.read(4096)
+    except FileNotFoundError:
+        return
+    except OSError as err:
+        raise CocaError(f"cannot read --index {path}: {err.strerror or err}") from None
+    if not (_INDEX_MAGIC.startswith(head[:len(_INDEX_MAGIC)]) or _EARLIER_INDEX in head):
+        raise CocaError(f"--index {path} exists and is not a coca index; refusing to replace it "
+                        "(choose another path, or remove the file)")
+
+
 class ImageIndex:
     """Image embeddings kept in one file, so a collection is embedded once, then only what changed.
 
     Entries are keyed by absolute path and stamped with size and modification time; the file
-    records the model fingerprint, and an index written by another model is ignored whole.
-    Use: ``todo = index.stale(paths)``, embed ``todo`` and ``add`` the batches, ``lookup(paths)``,
-    ``save()``. ``embedded``, ``reused`` and ``removed`` count what the run did.
+    records the model fingerprint, and an index written by another model is ignored whole. A
+    damaged file (checksum, size, shape or values wrong) is never used: ``damaged`` says why, and
+    the index is rebuilt. Use: ``todo = index.stale(paths)``, embed ``todo`` and ``add`` the
+    batches, ``lookup(paths)``, ``save()``. ``embedded``, ``reused`` and ``removed`` count what the run did.
     """
 
     def __init__(self, path: Optional[Path], fingerprint: str):
         self.path = Path(path) if path is not None else None
         self.fingerprint = fingerprint
+        self.damaged: Optional[str] = None
         self.entries: dict[str, tuple[tuple[int, int], torch.Tensor]] = self._read()
         self.embedded = self.reused = self.removed = 0
         self._stamps: dict[str, Optional[tuple[int, int]]] = {}
-        self._changed = False
+        self._changed = self.damaged is not None  # a damaged file is replaced even when nothing is embedded
 
     def _read(self) -> dict:
         if self.path is None or not self.path.is_file():
             return {}
         try:
-            data = torch.load(self.path, map_location="cpu", weights_only=True)
-        except Exception:  # noqa: BLE001 - a damaged index is only a cache miss: it is rebuilt
-            return {}
-        if not isinstance(data, dict) or data.get("format") != _INDEX_FORMAT or data.get("model") != self.fingerprint:
-            return {}
-        return {key: ((size, mtime), features) for key, size, mtime, features
-                in zip(data["paths"], data["sizes"], data["mtimes"], data["features"])}
+            with open(self.path, "rb") as file:
+                data = bytearray(file.read())  # writable: the features are a view of it, not a copy
+            return _parse_index(data, self.fingerprint)
+        except OSError as err:
+            self.damaged = f"unreadable ({err.strerror or err})"
+        except IndexDamaged as err:
+            self.damaged = str(err)
+        return {}
 
     def stale(self, paths: Sequence[Path]) -> list[Path]:
         """The paths to embed: new, or changed since they were embedded (their old entry is dropped).
@@ -123,20 +150,59 @@ class ImageIndex:
         return ImageFeatures(found, features)
 
     def save(self) -> None:
-        """Write the index atomically (temporary file, then rename); a no-op when nothing changed."""
+        """Write the index atomically (temporary file, then rename); a no-op when nothing changed.
+        A failed write is a CocaError naming the file and the OS reason; the previous file stays."""
         if self.path is None or not self._changed:
             return
         keys = list(self.entries)
-        data = {
-            "format": _INDEX_FORMAT,
-            "model": self.fingerprint,
-            "paths": keys,
-            "sizes": [self.entries[k][0][0] for k in keys],
-            "mtimes": [self.entries[k][0][1] for k in keys],
-            "features": torch.stack([self.entries[k][1] for k in keys]) if keys else torch.empty(0),
-        }
-        atomic_write(self.path, lambda tmp: torch.save(data, tmp))
+        features = (torch.stack([self.entries[k][1] for k in keys]) if keys else torch.empty(0, 0)).float()
+        header = json.dumps({"model": self.fingerprint, "paths": keys,
+                             "sizes": [self.entries[k][0][0] for k in keys],
+                             "mtimes": [self.entries[k][0][1] for k in keys],
+                             "shape": list(features.shape)}).encode() + b"\n"
+        values = memoryview(features.contiguous().numpy()).cast("B")  # raw float32, not copied
+        digest = hashlib.sha256(header)
+        digest.update(values)
+
+        def write(tmp):
+            with open(tmp, "wb") as file:
+                file.write(_INDEX_MAGIC + digest.hexdigest().encode() + b"\n" + header)
+                file.write(values)
+
+        atomic_write(self.path, write)
         self._changed = False
+
+
+def _parse_index(data: bytearray, fingerprint: str) -> dict:
+    """The entries of an index file's bytes; {} when another model wrote it; IndexDamaged when any
+    part is wrong (a flipped bit anywhere fails the checksum; the rest guards against a wrong writer)."""
+    if not data.startswith(_INDEX_MAGIC):
+        raise IndexDamaged("written by an earlier version" if _EARLIER_INDEX in data[:4096] else "not an index")
+    digest_end = data.find(b"\n", len(_INDEX_MAGIC))
+    header_end = data.find(b"\n", digest_end + 1)
+    if digest_end < 0 or header_end < 0:
+        raise IndexDamaged("truncated")
+    body = memoryview(data)[digest_end + 1:]
+    if hashlib.sha256(body).hexdigest().encode() != bytes(data[len(_INDEX_MAGIC):digest_end]):
+        raise IndexDamaged("checksum mismatch: truncated or altered")
+    try:
+        header = json.loads(data[digest_end + 1:header_end])
+        if header["model"] != fingerprint:
+            return {}
+        paths, sizes, mtimes, (rows, dim) = header["paths"], header["sizes"], header["mtimes"], header["shape"]
+        if not len(paths) == len(sizes) == len(mtimes) == rows:
+            raise IndexDamaged(f"{len(paths)} paths for {rows} rows of features")
+        values = memoryview(data)[header_end + 1:]
+        if len(values) != rows * dim * 4:
+            raise IndexDamaged(f"{len(values)} bytes of features for shape ({rows}, {dim})")
+        features = torch.frombuffer(values, dtype=torch.float32).view(rows, dim) if rows else torch.empty(0, 0)
+        entries = {str(key): ((int(size), int(mtime)), row)
+                   for key, size, mtime, row in zip(paths, sizes, mtimes, features)}
+    except (ValueError, KeyError, TypeError) as err:
+        raise IndexDamaged(f"malformed header ({err})") from None
+    if not bool(torch.isfinite(features).all()):
+        raise IndexDamaged("it holds NaN or infinite values")
+    return entries
 
 
 # -- search -----------------------------------------------------------------------------------
@@ -208,55 +274,6 @@ def _share(hits: torch.Tensor) -> float:
     return hits.double().mean().item()
 
 
-@dataclass
-class Pairs:
-    """Image-caption pairs; one image may have several captions."""
-
-    images: list[Path]  # unique, in order of first appearance
-    captions: list[str]
-    caption_image: list[int]  # index into ``images`` of each caption's image
-
-    def keep(self, loaded: Sequence[Path]) -> "Pairs":
-        """Only the images that loaded (in that order) and their captions."""
-        new_index = {path: i for i, path in enumerate(loaded)}
-        kept = [(text, new_index[self.images[i]]) for text, i in zip(self.captions, self.caption_image)
-                if self.images[i] in new_index]
-        return Pairs(list(loaded), [text for text, _ in kept], [i for _, i in kept])
-
-
-def read_pairs(path: Path, img_key: str = "filepath", caption_key: str = "title",
-               separator: Optional[str] = None) -> Pairs:
-    """Read a CSV/TSV of image paths and captions (open_clip's CsvDataset layout).
-
-    Relative image paths are taken from the file's folder, so a dataset can be moved whole.
-    The separator defaults to ',' for .csv files and a tab otherwise.
-    """
-    path = Path(path).expanduser()
-    separator = column_separator(path, separator)
-    if len(separator) != 1:
-        raise CocaError(f"separator must be one character, got '{separator}'")
-    with reading(path):
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            reader = csv.DictReader(f, delimiter=separator)
-            columns = reader.fieldnames or []
-            missing = [key for key in (img_key, caption_key) if key not in columns]
-            if missing:
-                raise CocaError(f"{path} has no column {', '.join(repr(m) for m in missing)} (columns: "
-                                f"{', '.join(columns) or 'none'}); choose them with --img-key and --caption-key")
-            rows = [(row[img_key], row[caption_key], line) for line, row in enumerate(reader, start=2)]
-    if not rows:
-        raise CocaError(f"no image-caption pairs in {path}")
-    index: dict[Path, int] = {}
-    captions, caption_image = [], []
-    for image, caption, line in rows:
-        if not (image or "").strip() or not (caption or "").strip():
-            raise CocaError(f"{path}, line {line}: empty image path or caption")
-        image_path = path.parent / image.strip()
-        captions.append(caption.strip())
-        caption_image.append(index.setdefault(image_path, len(index)))
-    return Pairs(list(index), captions, caption_image)
-
-
 # -- HTML report ------------------------------------------------------------------------------
 
 _STYLE = """body{font-family:system-ui,sans-serif;margin:2em;color:#222}
@@ -304,5 +321,4 @@ def write_html(path: Path, rankings: Sequence[Ranking], title: str = "coca retri
     body = "\n".join(_section(r) for r in rankings)
     page = (f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f"<style>{_STYLE}</style></head>\n<body><h1>{html.escape(title)}</h1>\n{body}\n</body></html>\n")
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(page, encoding="utf-8")
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))

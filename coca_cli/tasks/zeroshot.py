@@ -11,6 +11,7 @@ temperature does not change rankings, so accuracies are the same either way.
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -20,21 +21,36 @@ import torch.nn.functional as F
 
 from ..errors import CocaError
 from ..data.inputs import collect_images
-from .embeddings import embed_texts
+from ..data.tokenizer import clean_text
+from .embeddings import embed_texts, logit_scale
 from .templates import DEFAULT_TEMPLATE, fill
 
 
 def check_classnames(names: Sequence[str]) -> list[str]:
-    """Class names must exist and be unique: a duplicate would split its probability in two."""
+    """Class names must exist and be unique: a duplicate would split its probability in two.
+
+    Names the tokenizer reads as the same text are duplicates too: differing only in case,
+    spacing or unicode form (``Dog``/``DOG``, a composed or decomposed ``é``).
+    """
     names = list(names)
     if not names:
         raise CocaError("the label list is empty")
-    seen = set()
+    spellings: dict[str, list[str]] = {}
     for name in names:
-        if name in seen:
-            raise CocaError(f"duplicate label '{name}': labels must be unique")
-        seen.add(name)
+        spellings.setdefault(clean_text(name).casefold(), []).append(name)
+    for same in spellings.values():
+        if len(same) > 1:
+            forms = list(dict.fromkeys(same))
+            clash = f" ({_quoted(forms)} differ only in case, spacing or unicode form)" if len(forms) > 1 else ""
+            raise CocaError(f"duplicate label '{same[0]}'{clash}: labels must be unique")
     return names
+
+
+def _quoted(names: list[str]) -> str:
+    """'a', 'b' and 'c'; names that print alike (another unicode form) are spelled out as escapes."""
+    looks = [unicodedata.normalize("NFC", name) for name in names]
+    shown = [ascii(name) if looks.count(look) > 1 else f"'{name}'" for name, look in zip(names, looks)]
+    return ", ".join(shown[:-1]) + " and " + shown[-1]
 
 
 def build_classifier(model, tokenizer, classnames: Sequence[str], templates: Sequence[str] = (DEFAULT_TEMPLATE,),
@@ -54,8 +70,7 @@ def build_classifier(model, tokenizer, classnames: Sequence[str], templates: Seq
 
 def classify(model, image_features: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
     """[images, classes] probabilities, scaled by the model's learned ``logit_scale.exp()``."""
-    scale = model.logit_scale.detach().exp().float().cpu()
-    return (scale * image_features @ classifier).softmax(dim=-1)
+    return (logit_scale(model) * image_features @ classifier).softmax(dim=-1)
 
 
 def top_labels(probs: torch.Tensor, labels: Sequence[str], k: int) -> list[list[tuple[str, float]]]:

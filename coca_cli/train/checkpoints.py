@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from ..errors import CocaError
-from ..files import atomic_write
-from ..weights.checkpoint import TRAINING_CHECKPOINT as CHECKPOINT_FORMAT
+from ..files import atomic_torch_save
+from ..weights.checkpoint import TRAINING_CHECKPOINT as CHECKPOINT_FORMAT, load_torch_file
 
 CHECKPOINTS = "checkpoints"
 _CHECKPOINT_NAME = re.compile(r"^step_(\d+)\.pt$")
@@ -47,21 +47,41 @@ def find_checkpoint(resume: str, output: str | Path) -> Optional[Path]:
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Written to a temporary file and renamed: a crash never leaves a half-written checkpoint."""
-    try:
-        atomic_write(path, lambda tmp: torch.save(state, tmp))
-    except OSError as err:
-        raise CocaError(f"cannot write checkpoint {path}: {err}", exit_code=1) from None
+    """Written to a temporary file and renamed: a crash or a full disk never leaves a half-written
+    checkpoint (a failed write is one line naming the file and the OS reason)."""
+    atomic_torch_save(path, state)
 
 
 def load_checkpoint(path: Path) -> dict:
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - unreadable for any reason: one line
-        raise CocaError(f"cannot read checkpoint {path}: {str(err).splitlines()[0] if str(err) else err}") from None
+        state = load_torch_file(path)
+    except CocaError as err:  # unreadable or refused, already one line
+        older = _older_readable_checkpoint(path)
+        instead = f"; the next-older good checkpoint is {older}: continue from it with --resume {older}"
+        raise CocaError(f"{err}{instead if older else ''}") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CocaError(f"{path} is not a coca training checkpoint")
     return state
+
+
+def _older_readable_checkpoint(damaged: Path) -> Optional[Path]:
+    """The newest checkpoint older than ``damaged`` in its folder that still reads: where to go on
+    from when the newest is truncated (a full disk, a copy cut short). Nothing is deleted: the
+    choice is the user's."""
+    name = _CHECKPOINT_NAME.match(damaged.name)
+    if name is None:
+        return None
+    older = [path for step, path in list_checkpoints(damaged.parent) if step < int(name.group(1))]
+    return next((path for path in reversed(older) if _readable(path)), None)
+
+
+def _readable(path: Path) -> bool:
+    """Whether ``path`` loads as a training checkpoint; memory-mapped, so tensors are not read."""
+    try:
+        state = load_torch_file(path, mmap=True)
+    except CocaError:
+        return False
+    return isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT
 
 
 def prune_checkpoints(folder: Path, keep: int) -> None:

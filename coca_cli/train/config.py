@@ -7,12 +7,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import torch
+
 from ..data.datasets import DataConfig
 from ..errors import CocaError
 from .checkpoints import find_checkpoint
 
 PRECISIONS = ("auto", "amp", "amp_bf16", "bf16", "fp32")
 REPORTERS = ("tensorboard", "wandb")
+
+# Where each float setting must lie. All must be finite and within float32, the weights' precision,
+# where --lr 1e39 is already inf: an inf or NaN setting only ever trains a model of NaNs.
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+_RANGES = {"> 0": lambda v: 0 < v <= _FLOAT32_MAX, ">= 0": lambda v: 0 <= v <= _FLOAT32_MAX,
+           "in [0, 1)": lambda v: 0 <= v < 1}
+FLOAT_RANGES = {"lr": "> 0", "eps": "> 0", "grad_clip_norm": "> 0", "wd": ">= 0", "beta1": "in [0, 1)",
+                "beta2": "in [0, 1)", "coca_caption_loss_weight": ">= 0", "coca_contrastive_loss_weight": ">= 0"}
 
 
 @dataclass
@@ -73,12 +83,10 @@ class TrainConfig:
                      "lock_text_unlocked_layers"):
             if (getattr(self, name) or 0) < 0:
                 raise CocaError(f"--{name.replace('_', '-')} must not be negative")
-        if self.lr <= 0 or self.eps <= 0 or self.wd < 0:
-            raise CocaError("--lr and --eps must be positive, --wd not negative")
-        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
-            raise CocaError("--beta1 and --beta2 must lie in [0, 1)")
-        if self.coca_caption_loss_weight < 0 or self.coca_contrastive_loss_weight < 0:
-            raise CocaError("loss weights must not be negative")
+        for name, bound in FLOAT_RANGES.items():
+            value = getattr(self, name)
+            if value is not None and not _RANGES[bound](value):
+                raise CocaError(f"--{name.replace('_', '-')} must be a finite number {bound}, not {value}")
         if self.coca_caption_loss_weight == 0 and self.coca_contrastive_loss_weight == 0:
             raise CocaError("both loss weights are 0: nothing to train")
         unknown = set(reporters(self.report_to)) - set(REPORTERS)

@@ -32,8 +32,9 @@ from torch import nn
 from . import distributed as D
 from ..data.datasets import Batch, TrainData, describe_skipped
 from ..errors import CocaError
-from ..files import atomic_write
+from ..files import atomic_write, claim_folder
 from ..weights.checkpoint import save_native
+from ..weights.convert import nonfinite_tensor
 from .checkpoints import (CHECKPOINT_FORMAT, checkpoint_dir, find_checkpoint, float_copy, list_checkpoints,
                           load_checkpoint, prune_checkpoints, rng_state, save_checkpoint, seed_everything,
                           set_rng_state)
@@ -42,6 +43,10 @@ from .loss import CoCaLoss, contrastive_features
 from .optim import cosine_lr, fitting_warmup, lock_image_tower, lock_text_tower, make_optimizer
 from .progress import Metrics, Progress, StopSignal
 from .validation import describe_val, validate
+
+
+# What a run writes in its folder (the docstring above): a folder holding anything else is not a run folder.
+RUN_FOLDER = ("train_config.json", "metrics.jsonl", "checkpoints", "final", "tensorboard", "wandb")
 
 
 def _tokenizer_for(config):
@@ -198,6 +203,7 @@ class Trainer:
     def save(self, epoch: int, step_in_epoch: int) -> Optional[Path]:
         if self.last_saved == self.step:
             return None
+        self.require_finite_weights()
         state = self.state(epoch, step_in_epoch)
         path = checkpoint_dir(self.output) / f"step_{self.step:09d}.pt"
         if self.world.is_master:
@@ -238,6 +244,21 @@ class Trainer:
             epoch, in_epoch = divmod(self.step, self.data.steps_per_epoch)
         return epoch, in_epoch, data_state
 
+    def require_finite_weights(self) -> None:
+        """Weights holding NaN or inf are never saved nor exported: every step since the last
+        check had a finite loss, so the update of the last step (``self.step``) made them so."""
+        damaged = nonfinite_tensor(self.model.state_dict())
+        if damaged:
+            raise CocaError(f"training diverged at step {self.step}: its update made tensor {damaged} NaN or inf; "
+                            f"{self.last_good_checkpoint()}; lower --lr", exit_code=1)
+
+    def last_good_checkpoint(self) -> str:
+        """Where to go back to after a divergence (only finite weights are ever saved)."""
+        found = list_checkpoints(checkpoint_dir(self.output))
+        if not found:
+            return "no checkpoint was saved before it"
+        return f"the last good checkpoint is {found[-1][1]} (continue from it with --resume {found[-1][1]})"
+
     # -- the loop -----------------------------------------------------------------------------
     def _print(self, text: str) -> None:
         if self.world.is_master and self.console is not None:
@@ -255,6 +276,10 @@ class Trainer:
             self._print(f"resumed from {resume_from} (step {self.step})")
         elif cfg.resume == "latest":
             self._print(f"no checkpoint in {checkpoint_dir(self.output)} yet: starting from scratch")
+        damaged = nonfinite_tensor(self.model.state_dict())
+        if damaged:  # training would only carry the NaNs along
+            raise CocaError(f"tensor {damaged} of the starting weights ({resume_from or cfg.pretrained}) holds NaN "
+                            "or inf values: they are damaged", exit_code=1)
         if resume_from is None:
             seed_everything(cfg.seed + world.rank)  # ranks draw different random numbers from here on
         if world.is_master:
@@ -275,6 +300,7 @@ class Trainer:
             progress.close()
             metrics.close()
         skipped = sum(map(Counter, D.all_gather_object(dict(self.skipped), world)), Counter())
+        self.require_finite_weights()
         if world.is_master:
             final = self.output / "final"
             save_native(float_copy(self.model), self.config, final)
@@ -305,11 +331,11 @@ class Trainer:
                 self.skipped_total += result["skipped"]
                 if result["nonfinite"]:
                     if not cfg.skip_nonfinite:
-                        last = list_checkpoints(checkpoint_dir(self.output))
-                        where = f"; the last good checkpoint is {last[-1][1]}" if last else ""
                         raise CocaError(f"non-finite loss at step {self.step + 1} (contrastive "
-                                        f"{result['contrastive_loss']:.4g}, caption {result['caption_loss']:.4g})"
-                                        f"{where}; lower --lr, or pass --skip-nonfinite", exit_code=1)
+                                        f"{result['contrastive_loss']:.4g}, caption {result['caption_loss']:.4g}); "
+                                        f"{self.last_good_checkpoint()}; lower --lr, or pass --skip-nonfinite",
+                                        exit_code=1)
+                    self.require_finite_weights()  # skipping cannot help once the weights themselves are lost
                     self.nonfinite_skipped += 1
                     progress.print(f"skipped step {self.step + 1}: non-finite loss (weights not updated)")
                 self.step += 1  # counts batches consumed: the schedule and data position stay in step
@@ -369,6 +395,7 @@ def train(cfg: TrainConfig, console=None) -> Path:
         cfg.workers = D.default_workers()
     try:
         cfg.output = D.broadcast_object(cfg.output or default_output(cfg.model), world)
+        claim_folder(Path(cfg.output), RUN_FOLDER)
         return Trainer(cfg, world, console).run()
     finally:
         D.cleanup(world)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import math
 import signal
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ from rich.progress import Progress as RichProgress
 from rich.table import Column
 from rich.text import Text
 
+from ..errors import writing
 from ..files import atomic_write
 from .config import TrainConfig, reporters
 
@@ -44,20 +46,22 @@ class Metrics:
 
     def _truncate(self, step: int) -> None:
         kept = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
+        for line in self.path.read_bytes().splitlines():
             try:
-                if json.loads(line).get("step", 0) <= step:
-                    kept.append(line)
+                record = json.loads(line)
             except ValueError:
-                continue  # a line cut off by the kill
+                continue  # a line cut off by the kill, or damaged
+            if isinstance(record, dict) and record.get("step", 0) <= step:
+                kept.append(line.decode("utf-8"))
         text = "".join(line + "\n" for line in kept)
         atomic_write(self.path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+        with writing(self.path), open(self.path, "a", encoding="utf-8") as f:  # a diverged loss is null: JSON has no NaN
+            f.write(json.dumps(finite, ensure_ascii=False, allow_nan=False) + "\n")
         scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
         prefix = "val/" if record.get("split") == "val" else "train/"
         if self.tb is not None:

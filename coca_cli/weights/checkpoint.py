@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import warnings
 import zipfile
 from pathlib import Path
@@ -24,7 +25,7 @@ from torch import nn
 
 from ..model.config import CoCaConfig, builtin_name, get_model_config
 from ..errors import CocaError
-from ..files import atomic_write
+from ..files import atomic_torch_save, atomic_write, claim_folder
 
 NATIVE_WEIGHTS = "model.safetensors"
 NATIVE_CONFIG = "config.json"
@@ -32,6 +33,8 @@ OPENCLIP_WEIGHTS = "open_clip_pytorch_model.bin"
 OPENCLIP_SAFE_WEIGHTS = "open_clip_model.safetensors"
 OPENCLIP_CONFIG = "open_clip_config.json"
 TRAINING_CHECKPOINT = "coca-train-checkpoint"  # the "format" of the checkpoints `coca train` writes
+# What coca writes in a weights folder: a folder holding anything else is not written into.
+WEIGHTS_FOLDER = (NATIVE_WEIGHTS, NATIVE_CONFIG, OPENCLIP_WEIGHTS, OPENCLIP_CONFIG)
 
 
 def find_weights(path: Path) -> Path:
@@ -58,11 +61,11 @@ def stored_config(weights: Path) -> Optional[CoCaConfig]:
     ``config.json`` / ``open_clip_config.json`` beside them; None when there is none."""
     if weights.is_file() and weights.suffix != ".safetensors":
         try:
-            checkpoint = _torch_load(weights)
-        except Exception:  # noqa: BLE001 - not a readable pickle: loading the weights reports why
+            checkpoint = load_torch_file(weights, mmap=True)
+        except CocaError:  # not a readable pickle: loading the weights reports why
             checkpoint = None
         if _is_training_checkpoint(checkpoint):
-            cfg = CoCaConfig.from_dict(checkpoint["model_config"], name=str(weights))
+            cfg = CoCaConfig.from_dict(checkpoint.get("model_config"), name=str(weights))
             cfg.name = builtin_name(cfg) or cfg.name  # results then name the model trained, e.g. coca_tiny
             return cfg
     found = find_config(weights)
@@ -93,24 +96,36 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
 
 
-def _torch_load(path: Path):
-    """``torch.load`` that never runs code; zip checkpoints are memory-mapped, so the optimizer
+def load_torch_file(path: Path, mmap: bool = False):
+    """``torch.load(weights_only=True)``, which never runs code from the file, failing with one
+    line of ours: torch's own message for a refused pickle advises ``weights_only=False``, that is,
+    running the file's code. ``mmap`` maps a zip checkpoint instead of reading it, so the optimizer
     state of a training checkpoint is never read into memory when only the model is wanted."""
-    with warnings.catch_warnings():  # torch warns about pickle protocols on stderr; we report errors ourselves
-        warnings.simplefilter("ignore")
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols on stderr; we report errors ourselves
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
+    except MemoryError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a damaged file fails in many ways: one line for all
+        if isinstance(err, pickle.UnpicklingError) or "weights_only" in str(err):  # also TorchScript, legacy .tar
+            raise CocaError(_refusal(path, err)) from None
+        raise CocaError(f"cannot read checkpoint {path}: not a PyTorch checkpoint or truncated "
+                       f"({_first_line(err)})") from None
+
+
+def _refusal(path: Path, err: Exception) -> str:
+    """Why a file was refused and what to do instead, naming the Python object it wanted (torch
+    names it as ``GLOBAL module.name``) but never repeating torch's advice to trust the file."""
+    wanted = re.search(r"GLOBAL (\S+)", str(err))
+    what = (f"it holds Python objects ({wanted.group(1)}) that could run code when loaded" if wanted else
+            "damaged, or a pickle that could run code when loaded")  # torch cannot tell these apart
+    return (f"refusing to load {path}: not a plain-tensor PyTorch checkpoint ({what}). Save the weights as a state "
+            "dict of tensors or as .safetensors with the program that made them, and pass that file")
 
 
 def _load_pickle(path: Path) -> dict:
-    try:
-        obj = _torch_load(path)
-    except pickle.UnpicklingError as err:
-        raise CocaError(
-            f"refusing to load {path}: it is not a plain-tensor PyTorch checkpoint, and unpickling it "
-            f"fully could run code ({_unpickler_detail(err)})"
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise CocaError(f"cannot read {path}: not a PyTorch checkpoint or truncated ({_first_line(err)})") from None
+    obj = load_torch_file(path, mmap=True)
     if _is_training_checkpoint(obj):
         obj = obj.get("model")
     elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
@@ -118,15 +133,6 @@ def _load_pickle(path: Path) -> dict:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CocaError(f"{path} is not a state dict of tensors")
     return obj
-
-
-def _unpickler_detail(err: Exception) -> str:
-    """torch's weights-only error is a paragraph; keep its one informative line."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    for i, line in enumerate(lines):
-        if line.endswith("WeightsUnpickler error:") and i + 1 < len(lines):
-            return lines[i + 1][:200]
-    return _first_line(err)
 
 
 def _first_line(err: Exception) -> str:
@@ -173,8 +179,11 @@ def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def save_native(model: nn.Module, config: CoCaConfig, output: str | os.PathLike) -> Path:
-    """``DIR/model.safetensors`` + ``DIR/config.json``: what every ``--pretrained`` accepts."""
+    """``DIR/model.safetensors`` + ``DIR/config.json``: what every ``--pretrained`` accepts.
+
+    ``DIR`` must be new, empty or a weights folder coca wrote (see :data:`WEIGHTS_FOLDER`)."""
     out = Path(output)
+    claim_folder(out, WEIGHTS_FOLDER)
     state = _contiguous(model.state_dict())
     atomic_write(out / NATIVE_WEIGHTS, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     text = json.dumps(config.to_dict(), indent=2) + "\n"
@@ -185,8 +194,9 @@ def save_native(model: nn.Module, config: CoCaConfig, output: str | os.PathLike)
 def save_openclip(model: nn.Module, config: CoCaConfig, output: str | os.PathLike, preprocess: dict) -> Path:
     """open_clip's hub layout, loadable by ``open_clip.create_model('local-dir:DIR')`` or strictly."""
     out = Path(output)
+    claim_folder(out, WEIGHTS_FOLDER)
     state = _contiguous(model.state_dict())
-    atomic_write(out / OPENCLIP_WEIGHTS, lambda tmp: torch.save(state, tmp))
+    atomic_torch_save(out / OPENCLIP_WEIGHTS, state)
     text = json.dumps({"model_cfg": config.to_dict(), "preprocess_cfg": preprocess}, indent=2) + "\n"
     atomic_write(out / OPENCLIP_CONFIG, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return out

@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Mapping, Optional
+
+import torch
 
 from .checkpoint import load_weights, save_native, save_openclip
 from ..errors import CocaError
@@ -13,6 +15,16 @@ from .factory import preprocess_config, resolve_config
 from ..model.coca import CoCa
 
 TARGETS = ("native", "openclip")
+
+
+def nonfinite_tensor(tensors: Mapping[str, torch.Tensor]) -> Optional[str]:
+    """The name of the first floating-point tensor holding NaN or inf, None when all are finite.
+
+    Damaged weights are refused wherever they would be passed on: exported here, saved by
+    training, or turned into scores (NaN is not a number anyone can use, nor valid JSON).
+    """
+    return next((name for name, tensor in tensors.items()
+                 if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())), None)
 
 
 def convert(source: str | os.PathLike, output: str | os.PathLike, model_name: Optional[str] = None,
@@ -27,6 +39,10 @@ def convert(source: str | os.PathLike, output: str | os.PathLike, model_name: Op
     cfg, weights = resolve_config(model_name, str(source), cache_dir)
     model = CoCa.from_config(cfg)
     load_weights(model, weights)
+    damaged = nonfinite_tensor(model.state_dict())
+    if damaged:
+        raise CocaError(f"{source}: tensor {damaged} holds NaN or inf values; refusing to export damaged weights",
+                        exit_code=1)
     if to == "native":
         return save_native(model, cfg, output)
     preprocess = dataclasses.asdict(preprocess_config(model))

@@ -8,8 +8,8 @@ from typing import Optional
 
 import torch
 
-from .checkpoint import load_weights, stored_config
-from ..model.config import CoCaConfig, get_model_config
+from .checkpoint import find_weights, load_weights, stored_config
+from ..model.config import CoCaConfig, get_model_config, parameter_counts
 from ..errors import CocaError
 from ..model.coca import CoCa
 from .pretrained import resolve
@@ -33,7 +33,50 @@ def resolve_config(model_name: Optional[str], pretrained: Optional[str] = None,
         if cfg is None:
             raise CocaError("no model given: pass --model NAME, or --pretrained a folder holding config.json "
                             "or a coca training checkpoint")
+    check_size(cfg, weights)
     return cfg, weights
+
+
+STORED_PARAMETER_BYTES = 2  # the fewest bytes a stored parameter takes (fp16, bf16)
+BUILT_PARAMETER_BYTES = 4  # models are built in fp32, then cast
+LAYER_OBJECT_BYTES = 32 * 1024  # the Python objects of one transformer block, measured
+# Models up to this size are built without question: weights that do not fit one then get the
+# exact keys and shapes that differ (check_fits), which says more than a size does.
+SMALL_MODEL_BYTES = 2 * 2 ** 30
+
+
+def check_size(cfg: CoCaConfig, weights: Optional[Path]) -> None:
+    """Refuse, before anything is allocated, a config whose model cannot be the weights given with it
+    (more parameters than the file could hold) or cannot fit in this machine's memory."""
+    counts = parameter_counts(cfg)
+    total = sum(counts.values())
+    text_layers = 0 if cfg.text_cfg.hf_model_name else cfg.text_cfg.layers
+    layers = cfg.vision_cfg.layers + text_layers + 2 * cfg.multimodal_cfg.layers  # the decoder's come in pairs
+    needed = total * BUILT_PARAMETER_BYTES + layers * LAYER_OBJECT_BYTES
+    if needed <= SMALL_MODEL_BYTES:
+        return
+    largest = max(counts, key=counts.get)
+    section = getattr(cfg, largest)
+    described = (f"model config {cfg.name} describes a model of {total:,} parameters, mostly in {largest} "
+                 f"(layers {section.layers}, width {section.width})")
+    weights_file = find_weights(weights) if weights is not None and weights.exists() else None
+    if weights_file is not None:
+        size = weights_file.stat().st_size
+        if total * STORED_PARAMETER_BYTES > size:
+            raise CocaError(f"{described}, more than {weights_file} can hold ({size:,} bytes): the file is "
+                            "truncated, or the config is not the one these weights were saved with")
+    memory = _physical_memory()
+    if memory and needed > memory:
+        raise CocaError(f"{described}, which needs about {needed / 2 ** 30:,.1f} GiB of memory; "
+                        f"this machine has {memory / 2 ** 30:,.1f} GiB")
+
+
+def _physical_memory() -> Optional[int]:
+    """Bytes of RAM, or None where the system does not say (Windows)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 def create_model(
