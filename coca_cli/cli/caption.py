@@ -44,6 +44,8 @@ def caption_command(
     temperature: TemperatureOption = 1.0,
     repetition_penalty: RepetitionPenaltyOption = 1.0,
     seed: SeedOption = None,
+    compile: bool = typer.Option(False, "--compile", help="Run the decoding step under torch.compile (CUDA graphs "
+                                 "on a GPU): same captions, faster on long runs once compiled."),
 ):
     """Caption images, writing each result as soon as it is ready.
 
@@ -73,7 +75,7 @@ def caption_command(
     if pretrained is None:
         pretrained = DEFAULT_CAPTION_PRETRAINED
         model = model or DEFAULT_CAPTION_MODEL
-    load = dict(model_name=model, pretrained=pretrained, precision=precision)
+    load = dict(model_name=model, pretrained=pretrained, precision=precision, compile=compile)
     if data is not None:
         if output is None:
             raise CocaError("--data needs --output DIR: one .jsonl file per shard is written there")
@@ -93,11 +95,19 @@ def _load(device: str, seed: Optional[int], load: dict, generation: dict):
     import torch
 
     from ..weights.factory import create_model_and_transforms
-    from ..model.generation import fit_to_model
 
+    from ..model.generation import check_compile, fit_to_model
+
+    load = dict(load)
+    compile = load.pop("compile")
+    if compile:
+        try:
+            check_compile(torch.device(device))
+        except ValueError as e:
+            raise CocaError(f"--{e}") from None
     net, _, transform = create_model_and_transforms(device=device, **load)
     generator = torch.Generator(device=next(net.parameters()).device).manual_seed(seed) if seed is not None else None
-    return net, transform, generator, fit_to_model(net, generation, spell=generation_option)
+    return net, transform, generator, {**fit_to_model(net, generation, spell=generation_option), "compile": compile}
 
 
 def _caption_files(paths, output, as_json, resume, device, batch_size, workers, seed, load, generation):

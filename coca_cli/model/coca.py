@@ -80,15 +80,17 @@ class CoCa(nn.Module):
         latent, tokens = self.visual(images)
         return (F.normalize(latent, dim=-1) if normalize else latent), tokens
 
-    def _encode_text(self, text: torch.Tensor, normalize: bool = True):
-        latent, tokens = self.text(text)
+    def _encode_text(self, text: torch.Tensor, normalize: bool = True, trim: bool = False):
+        """Latent [B, D] and token embeddings [B, T, width]; ``trim``: see ``TextTransformer``."""
+        trim = trim and isinstance(self.text, TextTransformer)
+        latent, tokens = self.text(text, trim=True) if trim else self.text(text)
         return (F.normalize(latent, dim=-1) if normalize else latent), tokens
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         return self._encode_image(images, normalize)[0]
 
     def encode_text(self, text: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        return self._encode_text(text, normalize)[0]
+        return self._encode_text(text, normalize, trim=True)[0]
 
     def forward(
         self,
@@ -105,26 +107,29 @@ class CoCa(nn.Module):
         ``caption_tokens_only`` (training): logits only where the label is a caption token (not
         padding), as [1, P, vocab] with labels [1, P]. The caption loss is the same, but the
         decoder runs only up to the longest caption and the vocabulary projection only on the
-        P tokens (captions average ~11 of 76 positions). The text features are unchanged: the
-        text encoder still sees the padded sequence, its CLS token comes after the padding.
+        P tokens (captions average ~11 of 76 positions), and the text encoder only up to the
+        last position its CLS token can see (``TextTransformer`` ``trim``): the text features
+        and the loss are unchanged.
         """
         if image_latent is None or image_embs is None:
             image_latent, image_embs = self._encode_image(image)  # [B, D], [B, N, width]
         if text is None:
             return {"image_features": image_latent, "image_embs": image_embs}
 
-        text_latent, token_embs = self._encode_text(text)  # [B, D], [B, T, width]
-        labels = text[:, 1:] if output_labels else None  # [B, T-1]
-        if output_labels:
-            token_embs = token_embs[:, :-1]  # position t predicts token t+1 (teacher forcing)
-        if caption_tokens_only and labels is not None:
-            caption = labels != self.pad_id  # [B, T]
+        trim = caption_tokens_only and output_labels
+        text_latent, token_embs = self._encode_text(text, trim=trim)  # [B, D], [B, T, width]
+        labels = text[:, 1:] if output_labels else None  # [B, L-1]
+        if trim:
+            caption = labels != self.pad_id  # [B, L-1]
             order = torch.arange(1, caption.shape[1] + 1, device=caption.device)
             longest = max(int((caption * order).max()), 1)  # causal: later positions change nothing before
             caption = caption[:, :longest]
+            # position t predicts token t+1 (teacher forcing); the trimmed encoder ran at least this far
             logits = self.text_decoder(image_embs, token_embs[:, :longest], positions=caption)[None]
             labels = labels[:, :longest][caption][None]
         else:
+            if output_labels:
+                token_embs = token_embs[:, :-1]  # position t predicts token t+1 (teacher forcing)
             logits = self.text_decoder(image_embs, token_embs)
         out = {
             "image_features": image_latent,

@@ -125,22 +125,26 @@ class IncrementalDecoder:
     the cross-attention keys/values of their images. Rows come from ``image_index``: either
     one image per row, or (beam search) runs of ``rows_per_image`` consecutive rows sharing an
     image, in which case the image keys/values are shared, not copied.
+
+    The step itself (``_step``) takes tensors only and makes no host-side decision, so with
+    ``compile=True`` it runs under ``torch.compile`` (CUDA graphs on a GPU).
     """
 
-    def __init__(self, model, image_embs: torch.Tensor, max_len: int):
+    def __init__(self, model, image_embs: torch.Tensor, max_len: int, compile: bool = False):
         self.text, self.decoder, self.max_len = model.text, model.text_decoder, max_len
         self.image_kv_all = self.decoder.image_kv(image_embs)  # per image, computed once
         self.image_kv = self.image_kv_all
         self.image_index: Optional[torch.Tensor] = None
+        self.step = self._step
+        if compile:
+            mode = "reduce-overhead" if image_embs.is_cuda else None
+            self.step = torch.compile(self._step, mode=mode, dynamic=True)
         self.reset()
 
     def reset(self):
-        self.text_cache = self.text.new_cache()
-        self.decoder_cache = self.decoder.new_cache()
-
-    @property
-    def length(self) -> int:
-        return self.text_cache[0].length
+        self.length = 0  # positions cached
+        self.text_cache = self.text.new_cache(self.max_len)
+        self.decoder_cache = self.decoder.new_cache(self.max_len)
 
     def use_images(self, image_index: torch.Tensor, rows_per_image: int = 1):
         index = image_index[::rows_per_image]
@@ -156,8 +160,12 @@ class IncrementalDecoder:
     def select(self, index: torch.Tensor):
         """Keep/reorder cached rows: new row i continues old row ``index[i]``."""
         if self.length:
-            for cache in (*self.text_cache, *self.decoder_cache):
-                cache.select(index)
+            for cache in (self.text_cache, self.decoder_cache):
+                cache.select(index, self.length)
+
+    def _step(self, tokens: torch.Tensor, positions: torch.Tensor, previous: Optional[torch.Tensor]) -> torch.Tensor:
+        embs = self.text.step(tokens, positions, self.text_cache, previous)
+        return self.decoder.step(embs, positions, self.decoder_cache, self.image_kv).float()
 
     def logits(self, seq: torch.Tensor) -> torch.Tensor:
         """Float logits [rows, vocab] after ``seq`` [rows, L]; the cache holds ``seq[:, :length]``."""
@@ -166,8 +174,9 @@ class IncrementalDecoder:
                              "give it a stopping criterion that ends it sooner")
         past = self.length
         previous = seq[:, past - 1] if past else None
-        embs = self.text.step(seq[:, past:], self.text_cache, previous)
-        return self.decoder.step(embs, self.decoder_cache, self.image_kv).float()
+        positions = torch.arange(past, seq.shape[1], device=seq.device)
+        self.length = seq.shape[1]
+        return self.step(seq[:, past:], positions, previous)
 
 
 class FullRecompute:

@@ -221,7 +221,8 @@ def generate(model, image: torch.Tensor, text: Optional[torch.Tensor] = None, se
              eos_token_id: Optional[int] = None, sot_token_id: Optional[int] = None, num_beams: int = 6,
              num_beam_groups: int = 3, min_seq_len: int = 5,
              stopping_criteria: Optional[Sequence[StoppingCriterion]] = None, repetition_penalty: float = 1.0,
-             fixed_output_length: bool = False, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+             fixed_output_length: bool = False, generator: Optional[torch.Generator] = None,
+             compile: bool = False) -> torch.Tensor:
     """Caption token ids for a batch of images [B, 3, H, W]; same tokens as open_clip's ``generate``.
 
     Args:
@@ -241,12 +242,16 @@ def generate(model, image: torch.Tensor, text: Optional[torch.Tensor] = None, se
         fixed_output_length: pad the result to ``seq_len`` tokens.
         generator: a ``torch.Generator`` (on the image's device) for reproducible sampling; the
             global RNG otherwise, consumed like open_clip's.
+        compile: run the decoding step under ``torch.compile`` (CUDA graphs on a GPU); the same
+            tokens, faster once compiled for long or many generations.
 
     Returns:
         LongTensor [B, L] of token ids starting with sot (beam search: L <= seq_len, eos then
         pad after shorter captions; sampling: pad after eos), [L] when ``text`` was 1-D.
     """
     prefix_len = 1 if text is None else text.shape[-1]
+    if compile:
+        check_compile(image.device)
     validate_for_model(model, generation_type=generation_type, seq_len=seq_len, max_seq_len=max_seq_len,
                        min_seq_len=min_seq_len, num_beams=num_beams, num_beam_groups=num_beam_groups, top_p=top_p,
                        top_k=top_k, temperature=temperature, repetition_penalty=repetition_penalty,
@@ -268,11 +273,11 @@ def generate(model, image: torch.Tensor, text: Optional[torch.Tensor] = None, se
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), packed_linears():
+        with torch.inference_mode(), packed_linears(enabled=not compile):  # compiled: Inductor's own kernels
             image_latent, image_embs = model._encode_image(image)
             limit = max_decode_length(model)
             if hasattr(model.text, "step"):
-                stepper = IncrementalDecoder(model, image_embs, limit)
+                stepper = IncrementalDecoder(model, image_embs, limit, compile=compile)
             else:
                 stepper = FullRecompute(model, image_latent, image_embs, limit)
 
@@ -297,6 +302,30 @@ def generate(model, image: torch.Tensor, text: Optional[torch.Tensor] = None, se
         model.train(was_training)
     # a normal tensor, not an inference tensor, so that it can go on into autograd (e.g. as targets)
     return out.clone()
+
+
+def check_compile(device) -> None:
+    """Raise a one-line ValueError where ``torch.compile`` cannot run on ``device``, before it
+    fails mid-run when Inductor first needs its compiler (C++ on a CPU, Triton on CUDA)."""
+    import torch._dynamo
+
+    device_type = torch.device(device).type
+    try:
+        torch._dynamo.eval_frame.check_if_dynamo_supported()
+    except RuntimeError as err:
+        raise ValueError(f"compile is not available here: {err}") from None
+    if device_type == "cpu":
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        try:
+            get_cpp_compiler()  # what Inductor runs to build CPU kernels
+        except Exception:  # noqa: BLE001 - InvalidCxxCompiler, or a broken install
+            raise ValueError("compile on CPU needs a C++ compiler: install g++ (or set CXX to one)") from None
+    elif device_type == "cuda":
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            raise ValueError("compile on CUDA needs Triton: pip install triton")
 
 
 def _prompt(text: Optional[torch.Tensor], n_images: int, sot: int, device) -> torch.Tensor:

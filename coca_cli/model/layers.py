@@ -21,7 +21,8 @@ class LayerNorm(nn.LayerNorm):
     """LayerNorm that returns the input dtype (weights may be fp32 under autocast)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps).to(x.dtype)
+        y = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return y if y.dtype == x.dtype else y.to(x.dtype)  # no op per call when nothing changes
 
 
 class LayerNormFp32(nn.LayerNorm):
@@ -57,38 +58,72 @@ class LayerScale(nn.Module):
 
 
 class KVCache:
-    """Keys and values of past positions for one attention layer, grown one step at a time.
+    """Keys and values of past positions for a stack of attention layers, preallocated.
 
-    ``keep`` is the per-key boolean mask (True = may be attended); the text encoder needs
-    it because open_clip masks keys that follow a padding token.
+    The buffers hold ``max_len`` positions from the first write on, and new positions are
+    written in place at their indices (``index_copy_``): every step sees the same shapes, so it
+    can be compiled and captured (CUDA graphs), and the past is never copied to grow it.
+    Positions not written yet are never attended: queries only see keys at or before their
+    own position. ``keep`` is the per-key mask shared by the layers (True = may be attended);
+    the text encoder needs it because open_clip masks keys that follow a padding token.
     """
 
-    def __init__(self):
-        self.k: Optional[torch.Tensor] = None  # [B, heads, T, head_dim]
-        self.v: Optional[torch.Tensor] = None
-        self.keep: Optional[torch.Tensor] = None  # [B, T] bool, or None when all keys are kept
+    def __init__(self, layers: int, max_len: int):
+        self.layers, self.max_len = layers, max_len
+        self.kv: Optional[torch.Tensor] = None  # [2 (keys, values), layers, B, heads, max_len, head_dim]
+        self.k: list[torch.Tensor] = []  # per layer views of it, [B, heads, max_len, head_dim]
+        self.v: list[torch.Tensor] = []
+        self.keep: Optional[torch.Tensor] = None  # [B, max_len] bool, or None when all keys are kept
 
-    def append(self, k: torch.Tensor, v: torch.Tensor, keep: Optional[torch.Tensor]):
-        if self.k is None:
-            self.k, self.v, self.keep = k, v, keep
-            return
-        self.k = torch.cat([self.k, k], dim=2)
-        self.v = torch.cat([self.v, v], dim=2)
-        if keep is not None or self.keep is not None:
-            old = self.keep if self.keep is not None else self.k.new_ones(self.k.shape[0], self.k.shape[2] - k.shape[2], dtype=torch.bool)
-            new = keep if keep is not None else k.new_ones(k.shape[0], k.shape[2], dtype=torch.bool)
-            self.keep = torch.cat([old, new], dim=1)
+    def _set(self, kv: torch.Tensor):
+        self.kv = kv
+        self.k, self.v = (list(t.unbind(0)) for t in kv)
 
-    def select(self, index: torch.Tensor):
-        """Keep and reorder batch rows (beam reordering, dropping finished rows)."""
-        self.k = self.k.index_select(0, index)
-        self.v = self.v.index_select(0, index)
+    def write(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Store ``k``/``v`` [B, heads, T_new, head_dim] of one layer at ``positions`` [T_new]."""
+        if self.kv is None:
+            B, heads, _, head_dim = k.shape
+            self._set(k.new_zeros(2, self.layers, B, heads, self.max_len, head_dim))
+        self.k[layer].index_copy_(2, positions, k)
+        self.v[layer].index_copy_(2, positions, v)
+
+    def write_keep(self, positions: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """Store the key mask ``keep`` [B, T_new] at ``positions``; returns all of it, [B, max_len]."""
+        if self.keep is None:
+            self.keep = keep.new_zeros(keep.shape[0], self.max_len)
+        return self.keep.index_copy_(1, positions, keep)
+
+    def select(self, index: torch.Tensor, length: int):
+        """Keep and reorder batch rows (beam reordering, dropping finished rows).
+
+        While the number of rows stays the same, only the first ``length`` positions (all that
+        was written) are copied, in place; fewer rows make smaller buffers.
+        """
+        def pick(buf: torch.Tensor, rows: int, pos: int) -> torch.Tensor:
+            if index.numel() != buf.shape[rows]:
+                return buf.index_select(rows, index)
+            past = buf.narrow(pos, 0, length)
+            past.copy_(past.index_select(rows, index))
+            return buf
+
+        if self.kv is not None:
+            kv = pick(self.kv, 2, 4)
+            if kv is not self.kv:
+                self._set(kv)
         if self.keep is not None:
-            self.keep = self.keep.index_select(0, index)
+            self.keep = pick(self.keep, 0, 1)
 
-    @property
-    def length(self) -> int:
-        return 0 if self.k is None else self.k.shape[2]
+
+def step_mask(positions: torch.Tensor, max_len: int, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Which cached keys new queries at ``positions`` [T_new] may attend, True = attend.
+
+    Keys at or before the query's position: [T_new, max_len]; with a key mask ``keep``
+    [B, max_len] also only those kept: [B, 1, T_new, max_len].
+    """
+    mask = torch.arange(max_len, device=positions.device) <= positions[:, None]
+    if keep is None:
+        return mask
+    return (mask & keep[:, None, :]).unsqueeze(1)
 
 
 class Attention(nn.Module):
@@ -131,18 +166,19 @@ class Attention(nn.Module):
 
     def project_qkv(self, x: torch.Tensor):
         """Self-attention projections in one matmul: [B, T, C] -> 3 x [B, heads, T, head_dim]."""
-        qkv = linear(x, self.in_proj_weight, self.in_proj_bias)
-        return [self._split_heads(t) for t in qkv.chunk(3, dim=-1)]
+        B, T, C = x.shape
+        qkv = linear(x, self.in_proj_weight, self.in_proj_bias)  # [B, T, 3C]
+        return qkv.view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
 
     def project_kv(self, context: torch.Tensor):
         """Cross-attention keys and values of a context, computed once and reusable."""
-        _, w_k, w_v = self._weights()
-        _, b_k, b_v = self.in_proj_bias.chunk(3)
-        if self.fused:
-            kv = F.linear(context, torch.cat([w_k, w_v]), torch.cat([b_k, b_v]))
+        if self.fused:  # the k and v rows of the fused weight, a view: no copy made (and saved) per call
+            dim = self.in_proj_weight.shape[1]
+            kv = F.linear(context, self.in_proj_weight[dim:], self.in_proj_bias[dim:])
             k, v = kv.chunk(2, dim=-1)
         else:
-            k, v = F.linear(context, w_k, b_k), F.linear(context, w_v, b_v)
+            _, b_k, b_v = self.in_proj_bias.chunk(3)
+            k, v = F.linear(context, self.k_proj_weight, b_k), F.linear(context, self.v_proj_weight, b_v)
         return self._split_heads(k), self._split_heads(v)
 
     def project_q(self, x: torch.Tensor) -> torch.Tensor:
@@ -196,20 +232,12 @@ class ResidualBlock(nn.Module):
         return x + self.ls_2(self.mlp(self.ln_2(x)))
 
     # -- incremental decoding -------------------------------------------------------------
-    def step_self(self, x: torch.Tensor, cache: KVCache, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Run new positions ``x`` [B, T_new, C] attending to themselves (causally) and the cache."""
+    def step_self(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache, layer: int,
+                  mask: torch.Tensor) -> torch.Tensor:
+        """Run new positions ``x`` [B, T_new, C] at ``positions``, attending to the cache (see ``step_mask``)."""
         q, k, v = self.attn.project_qkv(self.ln_1(x))
-        past = cache.length
-        cache.append(k, v, keep)
-        T_new, T_all = x.shape[1], cache.length
-        if T_new == 1:  # one new query sees every cached key: no causal mask needed
-            mask = None if cache.keep is None else cache.keep[:, None, None, :]  # [B, 1, 1, T_all]
-        else:
-            mask = causal_mask(T_all, x.device)[past:T_all]  # [T_new, T_all]
-            if cache.keep is not None:
-                mask = mask.unsqueeze(0) & cache.keep[:, None, :]
-                mask = mask.unsqueeze(1)  # [B, 1, T_new, T_all]
-        x = x + self.ls_1(self.attn.attend(q, cache.k, cache.v, mask))
+        cache.write(layer, positions, k, v)
+        x = x + self.ls_1(self.attn.attend(q, cache.k[layer], cache.v[layer], mask))
         return x + self.ls_2(self.mlp(self.ln_2(x)))
 
     def context_kv(self, context: torch.Tensor):

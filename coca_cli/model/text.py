@@ -16,7 +16,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from .config import CLIPTextCfg, MultimodalCfg
-from .layers import KVCache, LayerNorm, ResidualBlock, Transformer, causal_mask, init_transformer_blocks
+from .layers import KVCache, LayerNorm, ResidualBlock, Transformer, causal_mask, init_transformer_blocks, step_mask
 from .packed import linear
 
 
@@ -79,24 +79,35 @@ class TextTransformer(nn.Module):
             return self.text_projection(pooled)
         return pooled @ self.text_projection
 
-    def forward(self, text: torch.Tensor):
-        """[B, L] token ids -> latent [B, output_dim] and token embeddings [B, L, width]."""
+    def forward(self, text: torch.Tensor, trim: bool = False):
+        """[B, L] token ids -> latent [B, output_dim] and token embeddings [B, T, width].
+
+        T = L, or with ``trim`` (CLS models) only up to one past the last non-padding token: the
+        key mask hides every key that follows padding, so later positions change nothing but
+        their own outputs. The CLS token then comes right after the kept positions, with the
+        positional embedding (index L) and the mask it has after the full padded sequence: the
+        latent and the kept token embeddings are unchanged.
+        """
         B, L = text.shape
-        x = self.token_embedding(text)  # [B, L, width]
-        keep = None
-        if self.cls_emb is not None:
-            x = torch.cat([x, self.cls_emb.to(x.dtype).expand(B, 1, -1)], dim=1)  # [B, L+1, width]
-            cls_keep = (text[:, -1:] != self.pad_id)  # [B, 1]
-            keep = torch.cat([self.key_keep_mask(text), cls_keep], dim=1)  # [B, L+1]
-        T = x.shape[1]
+        keep = self.key_keep_mask(text)  # [B, L] or None
+        T = L
+        if trim and keep is not None:
+            order = torch.arange(2, L + 2, device=text.device)
+            T = min(max(int(((text != self.pad_id) * order).amax()), 1), L)  # last non-padding + 2
+        x = self.token_embedding(text[:, :T])  # [B, T, width]
         x = x + self.positional_embedding[:T].to(x.dtype)
-        mask = causal_mask(T, x.device)  # [T, T]
+        if self.cls_emb is not None:
+            cls = (self.cls_emb + self.positional_embedding[L]).to(x.dtype)  # [width]
+            x = torch.cat([x, cls.expand(B, 1, -1)], dim=1)  # [B, T+1, width]
+            # the CLS key is visible only when the last token is not padding
+            keep = torch.cat([keep[:, :T], text[:, -1:] != self.pad_id], dim=1)  # [B, T+1]
+        mask = causal_mask(x.shape[1], x.device)  # [T(+1), T(+1)]
         if keep is not None:
-            mask = (mask.unsqueeze(0) & keep[:, None, :]).unsqueeze(1)  # [B, 1, T, T]
+            mask = (mask.unsqueeze(0) & keep[:, None, :]).unsqueeze(1)  # [B, 1, T+1, T+1]
         x = self.transformer(x, mask)
 
         if self.cls_emb is not None:
-            pooled, tokens = self.ln_final(x[:, -1]), x[:, :-1]  # CLS [B, width], [B, L, width]
+            pooled, tokens = self.ln_final(x[:, -1]), x[:, :-1]  # CLS [B, width], [B, T, width]
         else:
             x = self.ln_final(x)
             tokens = x
@@ -107,17 +118,20 @@ class TextTransformer(nn.Module):
         return (pooled, tokens) if self.output_tokens else pooled
 
     # -- incremental decoding -------------------------------------------------------------
-    def new_cache(self) -> list[KVCache]:
-        return [KVCache() for _ in self.transformer.resblocks]
+    def new_cache(self, max_len: int) -> KVCache:
+        return KVCache(len(self.transformer.resblocks), max_len)
 
-    def step(self, tokens: torch.Tensor, cache: list[KVCache], previous: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Token embeddings for new tokens [B, T_new] given the cached past (CLS not needed)."""
-        start = cache[0].length
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+             previous: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Token embeddings for new tokens [B, T_new] at ``positions`` [T_new], given the cached past
+        (CLS not needed)."""
         x = self.token_embedding(tokens)  # [B, T_new, width]
-        x = x + self.positional_embedding[start:start + tokens.shape[1]].to(x.dtype)
+        x = x + self.positional_embedding.index_select(0, positions).to(x.dtype)
         keep = self.key_keep_mask(tokens, previous)
-        for block, layer_cache in zip(self.transformer.resblocks, cache):
-            x = block.step_self(x, layer_cache, keep)
+        keep = None if keep is None else cache.write_keep(positions, keep)
+        mask = step_mask(positions, cache.max_len, keep)
+        for layer, block in enumerate(self.transformer.resblocks):
+            x = block.step_self(x, positions, cache, layer, mask)
         return x
 
 
@@ -161,17 +175,18 @@ class MultimodalDecoder(nn.Module):
         return self.ln_final(x) @ self.text_projection  # [B, T, vocab] or [P, vocab]
 
     # -- incremental decoding -------------------------------------------------------------
-    def new_cache(self) -> list[KVCache]:
-        return [KVCache() for _ in self.resblocks]
+    def new_cache(self, max_len: int) -> KVCache:
+        return KVCache(len(self.resblocks), max_len)
 
     def image_kv(self, image_embs: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Cross-attention keys/values of the image tokens: computed once per image."""
         return [block.context_kv(image_embs) for block in self.cross_attn]  # per layer: k, v [B, heads, N, head_dim]
 
-    def step(self, text_embs: torch.Tensor, cache: list[KVCache], image_kv) -> torch.Tensor:
-        """Logits [B, vocab] of the last new position, given cached past positions."""
+    def step(self, text_embs: torch.Tensor, positions: torch.Tensor, cache: KVCache, image_kv) -> torch.Tensor:
+        """Logits [B, vocab] of the last new position (at ``positions`` [T_new]), given the cached past."""
         x = text_embs
-        for self_block, cross_block, layer_cache, (k, v) in zip(self.resblocks, self.cross_attn, cache, image_kv):
-            x = self_block.step_self(x, layer_cache)
+        mask = step_mask(positions, cache.max_len)  # [T_new, max_len]
+        for layer, (self_block, cross_block, (k, v)) in enumerate(zip(self.resblocks, self.cross_attn, image_kv)):
+            x = self_block.step_self(x, positions, cache, layer, mask)
             x = cross_block.step_cross(x, k, v)
         return linear(self.ln_final(x[:, -1]), self.text_projection.T)  # [B, vocab]

@@ -1,0 +1,71 @@
+"""The decoding step: preallocated KV caches written in place, and the step under torch.compile.
+
+Equality with open_clip is tests/test_generation.py's; here the compiled step must give the
+tokens of the eager one (fp32, CPU), through the Python API and `coca caption --compile`.
+"""
+
+import pytest
+import torch
+
+from conftest import PHOTOS, one_error_line, run_cli
+from coca_cli.model.layers import KVCache, step_mask
+
+FAST = ["--seq-len", "8", "--min-seq-len", "2", "--num-beams", "4", "--num-beam-groups", "2"]
+
+
+@pytest.fixture(scope="module")
+def model(tiny):
+    from coca_cli import create_model_and_transforms
+
+    return create_model_and_transforms(None, pretrained=str(tiny[1]))[0]
+
+
+def test_cache_is_written_in_place_and_reordered():
+    cache = KVCache(layers=2, max_len=5)
+    k = torch.arange(2 * 3.0).view(2, 1, 3, 1)  # [B, heads, T_new, head_dim]
+    cache.write(0, torch.arange(3), k, -k)
+    buffer = cache.k[0]
+    cache.write(0, torch.tensor([3]), k[:, :, :1] + 10, k[:, :, :1])
+    assert cache.k[0] is buffer and buffer.shape == (2, 1, 5, 1)  # static shape, no copy
+    cache.select(torch.tensor([1, 1]), length=4)
+    assert cache.k[0] is buffer
+    assert buffer[:, 0, :, 0].tolist() == [[3, 4, 5, 13, 0], [3, 4, 5, 13, 0]]
+    cache.select(torch.tensor([0]), length=4)  # fewer rows: a smaller buffer
+    assert cache.k[0].shape == (1, 1, 5, 1) and cache.v[0][0, 0, :, 0].tolist() == [-3, -4, -5, 3, 0]
+
+
+def test_step_mask_is_causal_over_the_buffer():
+    mask = step_mask(torch.tensor([1, 2]), 4)
+    assert mask.tolist() == [[True, True, False, False], [True, True, True, False]]
+    keep = torch.tensor([[True, False, True, True]])
+    assert step_mask(torch.tensor([2]), 4, keep).tolist() == [[[[True, False, True, False]]]]
+
+
+def test_compiled_step_gives_the_eager_tokens(model):
+    """Beam search and seeded top-k / top-p sampling: the same tokens compiled as eager."""
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    options = [dict(generation_type="beam_search", num_beams=4, num_beam_groups=2),
+               dict(generation_type="top_k", top_k=3),
+               dict(generation_type="top_p", top_p=0.5, temperature=0.7)]
+    for opts in options:
+        eager, compiled = (model.generate(images, seq_len=8, min_seq_len=2, compile=c,
+                                          generator=torch.Generator().manual_seed(1), **opts)
+                           for c in (False, True))
+        assert torch.equal(eager, compiled), opts
+
+
+def test_caption_compile_cli_matches_eager(tiny, capsys):
+    native = str(tiny[1])
+    assert run_cli("caption", *PHOTOS, "--pretrained", native, *FAST) == 0
+    eager = capsys.readouterr().out
+    assert run_cli("caption", *PHOTOS, "--pretrained", native, *FAST, "--compile") == 0
+    assert capsys.readouterr().out == eager
+
+
+def test_compile_without_a_compiler_is_one_line(tiny, capsys, monkeypatch):
+    import torch._inductor.config
+
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", ("no-such-c++",))
+    assert run_cli("caption", *PHOTOS, "--pretrained", str(tiny[1]), *FAST, "--compile") == 2
+    assert one_error_line(capsys) == ("coca: error: --compile on CPU needs a C++ compiler: "
+                                      "install g++ (or set CXX to one)\n")
