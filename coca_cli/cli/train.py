@@ -76,6 +76,10 @@ def train_command(
     grad_clip_norm: Optional[float] = typer.Option(None, help="Clip the gradient norm to this."),
     precision: str = typer.Option("auto", help="auto (amp on CUDA, fp32 otherwise), amp, amp_bf16, bf16 or fp32."),
     grad_checkpointing: bool = typer.Option(False, help="Recompute activations in backward to save memory."),
+    compile: bool = typer.Option(False, "--compile", help="Run the training forward/backward under torch.compile "
+                                 "(needs a C++ compiler on CPU, Triton on CUDA; the first steps are slow)."),
+    gpu_decode: bool = typer.Option(False, "--gpu-decode", help="On CUDA, decode and augment training JPEGs on the "
+                                    "GPU (torchvision.io.decode_jpeg); loader workers only read them."),
     accum_freq: int = typer.Option(1, min=1, help="Accumulate this many batches per step (the contrastive loss "
                                    "spans all of them)."),
     lock_image: bool = typer.Option(False, help="Freeze the image tower."),

@@ -33,6 +33,7 @@ from ..errors import CocaError
 from .samples import SkipSample, decode_image, failing_on, sample_seed, seeded
 from .shards import caption_of, image_of, resolve_shards, shard_sizes, shuffled, tar_samples
 from .tables import CsvSamples, read_table
+from .transforms import decodes_lazily, stack_images
 
 
 @dataclass
@@ -99,12 +100,12 @@ class GlobalBatches(torch.utils.data.Sampler):
             yield [(i, self.epoch) for i in order[start:start + self.batch_size].tolist()]
 
 
-def _collate(tokenizer):
+def _collate(tokenizer, transform):
     def collate(items):
         skipped: Counter = Counter()
         for *_, s in items:
             skipped.update(s)
-        return Batch(torch.stack([i for i, _, _ in items]), tokenizer([c for _, c, _ in items]), skipped)
+        return Batch(stack_images([i for i, _, _ in items], transform), tokenizer([c for _, c, _ in items]), skipped)
     return collate
 
 
@@ -168,7 +169,7 @@ class ShardStream(IterableDataset):
                 caption = caption_of(sample)
                 data = image_of(sample)
                 with failing_on(f"sample {sample['__key__']} of {sample['__url__']}"):
-                    image = seeded(self.transform, decode_image(data),
+                    image = seeded(self.transform, decode_image(data, lazy=decodes_lazily(self.transform)),
                                    sample_seed(self.cfg.seed, self.epoch, self.restart, role, raw))
             except SkipSample as why:
                 problems[str(why)] += 1
@@ -176,7 +177,8 @@ class ShardStream(IterableDataset):
             images.append(image)
             captions.append(caption)
             if len(images) == self.cfg.batch_size:
-                yield Batch(torch.stack(images), self.tokenizer(captions), Counter(problems), origin=(local, raw))
+                yield Batch(stack_images(images, self.transform), self.tokenizer(captions), Counter(problems),
+                            origin=(local, raw))
                 images, captions = [], []
                 problems.clear()
 
@@ -220,7 +222,7 @@ class TrainData:
             sampler = GlobalBatches(len(self.samples), self.num_samples, self.cfg.batch_size, self.rank,
                                     self.world_size, self.accum_freq, self.cfg.seed, epoch, start_step)
             loader = DataLoader(self.samples, batch_sampler=sampler, num_workers=workers,
-                                collate_fn=_collate(self.tokenizer), pin_memory=self.pin_memory)
+                                collate_fn=_collate(self.tokenizer, self.transform), pin_memory=self.pin_memory)
             self.state = {}
             yield from _from_workers(loader)
             return

@@ -18,12 +18,15 @@ class SkipSample(Exception):
     """A sample that cannot be used; the message is the reason it is counted under."""
 
 
-def decode_image(data: bytes) -> Image.Image:
+def decode_image(data: bytes, lazy: bool = False) -> Image.Image:
+    """The image in ``data``, decoded; with ``lazy`` a JPEG's pixels are left for the training crop
+    to decode at reduced size (transforms.ReducedRandomResizedCrop): only its header is read here."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
-            image.load()
+            if not (lazy and image.format == "JPEG"):
+                image.load()
         return image
     except MemoryError:
         raise
@@ -44,10 +47,13 @@ def failing_on(sample: str):
 
 
 def seeded(transform: Callable, image, seed: int):
-    """Apply a random transform with its own seed, leaving the process's generators untouched."""
+    """Apply a random transform with its own seed, leaving the process's generators untouched.
+
+    Only the CPU generator is seeded (transforms draw from it): ``torch.manual_seed`` would also
+    reseed every GPU's generator, which is not restored here, and costs more than a crop."""
     state = random.getstate()
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)
         random.seed(seed)
         try:
             return transform(image)

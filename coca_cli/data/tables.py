@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 from ..errors import CocaError, reading
 from ..files import open_regular
 from .samples import SkipSample, decode_image, failing_on, sample_seed, seeded
+from .transforms import decodes_lazily
 
 MAX_SUBSTITUTIONS = 64  # CSV: how far to look for a readable sample in place of a broken one
 
@@ -136,7 +137,7 @@ class CsvSamples(Dataset):
         except OSError:
             raise SkipSample("unreadable image") from None
         with failing_on(self.paths[index]):
-            image = decode_image(data)
+            image = decode_image(data, lazy=decodes_lazily(self.transform))
             return seeded(self.transform, image, sample_seed(self.seed, epoch, index)), caption.strip()
 
     def __getitem__(self, item):

@@ -11,6 +11,7 @@ import torch
 
 from ..data.datasets import DataConfig
 from ..errors import CocaError
+from ..model import generation
 from .checkpoints import find_checkpoint
 
 PRECISIONS = ("auto", "amp", "amp_bf16", "bf16", "fp32")
@@ -54,6 +55,8 @@ class TrainConfig:
     grad_clip_norm: Optional[float] = None
     precision: str = "auto"
     grad_checkpointing: bool = False
+    compile: bool = False
+    gpu_decode: bool = False  # decode training JPEGs on the GPU (CUDA only; else a warning, CPU decoding)
     accum_freq: int = 1
     lock_image: bool = False
     lock_image_unlocked_groups: int = 0
@@ -110,6 +113,8 @@ def preflight(cfg: TrainConfig) -> None:
     check_reporters(cfg.report_to)
     if cfg.model:
         get_model_config(cfg.model)
+    if cfg.compile:  # the processes use CUDA when there is one (distributed.resolve_device)
+        check_compile("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
     for spec in filter(None, (cfg.data, cfg.val_data)):
         if dataset_kind(spec, cfg.dataset_type) == "csv":
             read_table(spec, cfg.csv_img_key, cfg.csv_caption_key, cfg.csv_separator)
@@ -136,6 +141,14 @@ def check_reporters(report_to: str) -> None:
                 import wandb  # noqa: F401
         except ImportError:
             raise CocaError(f"--report-to {name} needs the {name} package: pip install {name}") from None
+
+
+def check_compile(device_type: str) -> None:
+    """--compile fails here, in one line, rather than mid-run when Inductor first needs its compiler."""
+    try:
+        generation.check_compile(device_type)
+    except ValueError as err:
+        raise CocaError(f"--{err}") from None
 
 
 def default_output(model: Optional[str]) -> str:

@@ -38,7 +38,7 @@ from ..weights.convert import nonfinite_tensor
 from .checkpoints import (CHECKPOINT_FORMAT, checkpoint_dir, find_checkpoint, float_copy, list_checkpoints,
                           load_checkpoint, prune_checkpoints, rng_state, save_checkpoint, seed_everything,
                           set_rng_state)
-from .config import TrainConfig, check_reporters, default_output
+from .config import TrainConfig, check_compile, check_reporters, default_output
 from .loss import CoCaLoss, contrastive_features
 from .optim import cosine_lr, fitting_warmup, lock_image_tower, lock_text_tower, make_optimizer
 from .progress import Metrics, Progress, StopSignal
@@ -65,7 +65,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, world: D.World, console=None):
         from ..weights.factory import create_model, preprocess_config
-        from ..data.transforms import image_transform
+        from ..data.transforms import gpu_decoding, image_transform
 
         self.cfg, self.world, self.console = cfg, world, console
         self.output = Path(cfg.output)
@@ -87,6 +87,10 @@ class Trainer:
         self.tokenizer = _tokenizer_for(self.config)
         pp = preprocess_config(self.model)
         self.train_transform = image_transform(pp.size, is_train=True, mean=pp.mean, std=pp.std)
+        if cfg.gpu_decode:
+            self.train_transform, why_not = gpu_decoding(self.train_transform, self.device)
+            if why_not:
+                self._print(f"warning: {why_not}")
         self.val_transform = image_transform(pp.size, is_train=False, mean=pp.mean, std=pp.std,
                                              interpolation=pp.interpolation, resize_mode=pp.resize_mode)
         self.data = TrainData(cfg.data_config(), self.train_transform, self.tokenizer, world.rank, world.world_size,
@@ -107,6 +111,11 @@ class Trainer:
             self.ddp = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=unused)
+        # what runs the training forward; --compile wraps it after DDP, as open_clip_train's --torchcompile.
+        # self.model stays the eager module: checkpoints keep its keys (no "_orig_mod." prefix).
+        self.net = self.ddp or self.model
+        if cfg.compile:
+            self.net = torch.compile(self.net)
         self.step = 0  # steps done (one step: accum_freq micro-batches, one optimizer update)
         self.skipped: Counter = Counter()  # this rank's skipped samples, by reason
         self.skipped_total = 0  # all ranks'
@@ -132,7 +141,6 @@ class Trainer:
         features of the others come from a no-grad pass), so the gradient equals that of one
         batch ``accum_freq`` times larger.
         """
-        net = self.ddp or self.model
         images = [b.images.to(self.device, self.input_dtype, non_blocking=True) for b in micro]
         texts = [b.texts.to(self.device, non_blocking=True) for b in micro]
         tokens = torch.tensor([float(sum((t[:, 1:] != self.model.pad_id).sum().item() for t in texts))],
@@ -150,7 +158,7 @@ class Trainer:
             last = j == len(micro) - 1
             with contextlib.nullcontext() if (last or self.ddp is None) else self.ddp.no_sync():
                 with self.autocast():
-                    out = net(image, text, caption_tokens_only=True)
+                    out = self.net(image, text, caption_tokens_only=True)
                     image_features, text_features = out["image_features"], out["text_features"]
                     if cached is not None:
                         image_features = torch.cat([*cached[0][:j], image_features, *cached[0][j + 1:]])
@@ -391,6 +399,8 @@ def train(cfg: TrainConfig, console=None) -> Path:
     cfg.check()
     check_reporters(cfg.report_to)
     world = D.init(cfg.device)
+    if cfg.compile:
+        check_compile(world.device.type)
     if cfg.workers is None:
         cfg.workers = D.default_workers()
     try:

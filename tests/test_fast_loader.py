@@ -1,0 +1,159 @@
+"""The training loader's fast path: JPEGs decoded at reduced size (same crop box, close pixels), the
+cheap per-sample seeding, and --gpu-decode's logic run on the CPU (decode_jpeg has the same API)."""
+
+import io
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import RandomResizedCrop
+
+from coca_cli.data import transforms as T
+from coca_cli.data.samples import SkipSample, decode_image, seeded
+from conftest import PHOTOS, run_cli
+
+
+def jpeg(size=(640, 480), mode="RGB") -> bytes:
+    image = Image.open(PHOTOS[0]).convert(mode).resize(size, Image.BICUBIC)
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def pixels(tensor: torch.Tensor) -> np.ndarray:
+    """A normalised image back in 0-255 levels."""
+    mean, std = torch.tensor(T.OPENAI_MEAN).view(3, 1, 1), torch.tensor(T.OPENAI_STD).view(3, 1, 1)
+    return ((tensor * std + mean) * 255).numpy()
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(10 * np.log10(255 ** 2 / np.mean((pixels(a) - pixels(b)) ** 2)))
+
+
+def boxes_drawn(monkeypatch) -> list:
+    """Every region resized, as (top, left, height, width) in the decoded (maybe reduced) image."""
+    seen, real, resize = [], T.crop_resize, Image.Image.resize
+
+    def spy(image, top, left, height, width, size, interpolation):
+        seen.append((top, left, height, width))
+        return real(image, top, left, height, width, size, interpolation)
+
+    def spy_resize(image, size, resample=None, box=None, **kw):
+        seen.append((box[1], box[0], box[3] - box[1], box[2] - box[0]))
+        return resize(image, size, resample, box, **kw)
+
+    monkeypatch.setattr(T, "crop_resize", spy)
+    monkeypatch.setattr(Image.Image, "resize", spy_resize)
+    return seen
+
+
+@pytest.mark.parametrize("size,scale", [((640, 480), 2), ((1800, 1000), 4), ((384, 256), 1), ((7, 400), 1)])
+def test_reduced_decoding_keeps_the_crop_and_is_close(size, scale, monkeypatch):
+    data = jpeg(size)
+    transform = T.image_transform(224, is_train=True)
+    for seed in range(6):
+        today = seeded(transform, decode_image(data), seed)  # decoded image: torchvision's path, as open_clip
+        box = seeded(lambda im: RandomResizedCrop.get_params(im, (0.9, 1.0), (3 / 4, 4 / 3)), decode_image(data), seed)
+        seen = boxes_drawn(monkeypatch)
+        fast = seeded(transform, decode_image(data, lazy=True), seed)
+        monkeypatch.undo()
+        used = T.dct_scale(box[2], box[3], (224, 224))
+        assert used == (scale if min(box[2], box[3]) >= 224 * scale else used)
+        assert min(box[2], box[3]) / used >= 224 or used == 1  # never decoded below the output size
+        # the same region of the photo, in the reduced image's coordinates
+        assert seen == [pytest.approx(tuple(v / used for v in box), abs=1e-9)]
+        assert fast.shape == today.shape == (3, 224, 224)
+        assert np.abs(pixels(fast) - pixels(today)).mean() < (0.1 if used == 1 else 1.5)
+        assert psnr(fast, today) > (45 if used == 1 else 35)
+
+
+def test_reduced_scale_is_used_on_coco_sized_photos(monkeypatch):
+    """A 640x480 photo with a crop of at least 448x448 is decoded at half size."""
+    data = jpeg((640, 480))
+    drafts = []
+    from PIL.JpegImagePlugin import JpegImageFile
+
+    real = JpegImageFile.draft
+    monkeypatch.setattr(JpegImageFile, "draft", lambda im, mode, size: drafts.append(size) or real(im, mode, size))
+    transform = T.image_transform(224, is_train=True, aug_cfg={"scale": (1.0, 1.0)})
+    seeded(transform, decode_image(data, lazy=True), 0)
+    assert drafts == [(320, 240)]
+
+
+def test_old_path_switch_and_other_images_are_exact(monkeypatch):
+    """REDUCED_DECODE = False (benchmarks' comparison) and images that are not RGB/L JPEGs take
+    torchvision's path: bit for bit as a decoded image."""
+    transform = T.image_transform(224, is_train=True)
+    cmyk = jpeg(mode="CMYK")
+    buf = io.BytesIO()
+    Image.open(PHOTOS[1]).save(buf, "PNG")
+    for data in (cmyk, buf.getvalue()):
+        assert torch.equal(seeded(transform, decode_image(data, lazy=True), 3), seeded(transform, decode_image(data), 3))
+    monkeypatch.setattr(T, "REDUCED_DECODE", False)
+    data = jpeg()
+    assert torch.equal(seeded(transform, decode_image(data, lazy=True), 3), seeded(transform, decode_image(data), 3))
+
+
+def test_grayscale_jpeg_and_unreadable_jpeg():
+    transform = T.image_transform(224, is_train=True)
+    gray = jpeg(mode="L")
+    fast, today = seeded(transform, decode_image(gray, lazy=True), 1), seeded(transform, decode_image(gray), 1)
+    assert psnr(fast, today) > 40 and np.allclose(pixels(fast)[0], pixels(fast)[1], atol=1e-3)
+    cut = jpeg()[:2000]  # the header reads, the pixels do not: skipped, as when decoded up front
+    with pytest.raises(SkipSample, match="unreadable image"):
+        seeded(transform, decode_image(cut, lazy=True), 1)
+
+
+def test_seeded_draws_as_manual_seed_and_restores_the_generators():
+    random.seed(5)
+    torch.manual_seed(5)
+    before = (random.random(), torch.rand(1))
+    random.seed(5)
+    torch.manual_seed(5)
+    draws = seeded(lambda _: (random.random(), torch.rand(3)), None, 11)
+    assert (random.random(), torch.rand(1)) == before
+    torch.manual_seed(11)
+    random.seed(11)
+    assert draws[0] == random.random() and torch.equal(draws[1], torch.rand(3))
+
+
+def test_gpu_decode_logic_on_cpu():
+    """DeferredDecode draws the same box as the CPU path, and JpegBatch.to decodes, crops and
+    normalises like it (decode_jpeg on CPU tensors; on a GPU only the device differs)."""
+    transform = T.image_transform(224, is_train=True)
+    deferred, why = T.gpu_decoding(transform, torch.device("cuda"))  # only the device type is looked at
+    assert why is None and isinstance(deferred, T.DeferredDecode)
+    png = io.BytesIO()
+    Image.open(PHOTOS[1]).save(png, "PNG")
+    samples = [jpeg((640, 480)), jpeg((300, 500)), png.getvalue(), jpeg(mode="L")]
+    items = [seeded(deferred, decode_image(d, lazy=True), s) for s, d in enumerate(samples)]
+    assert [type(i).__name__ for i in items] == ["EncodedJpeg", "EncodedJpeg", "Tensor", "EncodedJpeg"]
+    box = seeded(lambda im: RandomResizedCrop.get_params(im, (0.9, 1.0), (3 / 4, 4 / 3)), decode_image(samples[0]), 0)
+    assert items[0].box == box
+    batch = T.stack_images(items, deferred)
+    assert len(batch) == 4 and batch.pin_memory() is batch
+    images = batch.to("cpu", torch.float32)
+    assert images.shape == (4, 3, 224, 224)
+    cpu = [seeded(transform, decode_image(d), s) for s, d in enumerate(samples)]
+    assert torch.equal(images[2], cpu[2])
+    for i in (0, 1, 3):
+        assert psnr(images[i], cpu[i]) > 35
+
+
+def test_gpu_decode_falls_back_through_the_cli(tiny, tmp_path, capsys):
+    """No GPU: one warning line, then training decodes on the CPU."""
+    table = tmp_path / "train.csv"
+    lines = ["filepath,title"]
+    for i in range(4):
+        path = tmp_path / f"{i}.jpg"
+        path.write_bytes(jpeg((96 + 8 * i, 80)))
+        lines.append(f"{path},photo number {i}")
+    table.write_text("\n".join(lines) + "\n")
+    assert run_cli("train", "--model", "coca_tiny", "--workers", "0", "--precision", "fp32", "--warmup", "1",
+                   "--data", table, "--batch-size", "2", "--epochs", "1", "--device", "cpu", "--gpu-decode",
+                   "--output", tmp_path / "run") == 0
+    err = capsys.readouterr()
+    warnings = [line for line in (err.out + err.err).splitlines() if "--gpu-decode" in line]
+    assert warnings == ["warning: --gpu-decode needs a CUDA device (training on cpu): decoding on the CPU"]
