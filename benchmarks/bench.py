@@ -3,6 +3,7 @@
     python benchmarks/bench.py                        # CPU: generate (B-32, 2 images), train (B-32, batch 8), loader
     python benchmarks/bench.py --device cuda          # issue 6's H100 cases, bf16 autocast
     python benchmarks/bench.py --task train --model coca_ViT-L-14 --batch 128 --device cuda --json-out r.jsonl
+    python benchmarks/bench.py --task flops,loader    # issue 14's four figures (B-32 and L-14), exact on a CPU
 
 generate: ``model.generate`` with the beam search defaults; images/s, and whether the tokens
 are identical (required in fp32; with bf16 autocast rounding may legitimately change a token,
@@ -15,9 +16,17 @@ open_clip's model, loss and ``torch.optim.AdamW``; ours with ``caption_tokens_on
 ``coca_cli.train.optim.make_optimizer`` (fused AdamW). Both start from the same weights and see the
 same batches, so their loss curves are compared too (max relative difference).
 
+flops: issue 14's exact figures, for one training step (batch 8, forward, ``CoCaLoss(2, 1)``,
+backward) and one beam search (6 beams / 3 groups, batch 4), each side run as its training
+script or ``generate`` runs it: FLOPs per sample (``FlopCounterMode``), bytes saved for backward
+per sample (``saved_tensors_hooks``), aten ops and host synchronisations per generated token (a
+``TorchDispatchMode``; on a GPU each op is about one kernel launch), next to the targets.
+Independent of the machine's load, so they can be compared across runs.
+
 loader: ``coca train``'s webdataset loader on real JPEGs (COCO-sized crops of scikit-image's
 photos) with the training augmentation: decoded samples/s in all and per worker. ``coca
 train`` logs ``data_wait``, the share of time the loop waited for batches, to show it keeps up.
+Each JPEG decode path (``decode_paths``) runs on the same shards, the first one the baseline.
 
 Both models get identical weights (open_clip's is re-randomised with a seeded normal, then
 copied into ours with ``load_state_dict(strict=True)``). Needs open_clip and transformers
@@ -36,6 +45,9 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from torch.utils import flop_counter
+from torch.utils.flop_counter import FlopCounterMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -158,14 +170,15 @@ def bench_generate(model_name: str, device: torch.device, batch: int, seq_len: i
 
 # -- train -------------------------------------------------------------------------------------
 
-def synthetic_batches(steps: int, batch: int, size: int, context: int, seed: int) -> list[tuple]:
-    """Images and COCO-like captions: sot, 8 to 18 random tokens, eos, then padding."""
+def synthetic_batches(steps: int, batch: int, size: int, context: int, seed: int,
+                      words: tuple[int, int] = (8, 18)) -> list[tuple]:
+    """Images and COCO-like captions: sot, ``words`` (lowest, highest) random tokens, eos, then padding."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(steps):
         images = torch.randn(batch, 3, size, size, generator=g)
         texts = torch.zeros(batch, context, dtype=torch.long)
-        lengths = torch.randint(8, 19, (batch,), generator=g)
+        lengths = torch.randint(words[0], words[1] + 1, (batch,), generator=g)
         for row, n in enumerate(lengths.tolist()):
             texts[row, 0], texts[row, n + 1] = SOT, EOS
             texts[row, 1:n + 1] = torch.randint(1, SOT, (n,), generator=g)
@@ -221,6 +234,167 @@ def bench_train(model_name: str, device: torch.device, batch: int, dtype: str, w
     }
 
 
+# -- flops: work per sample and per token, counted exactly (issue 14) ---------------------------
+
+TARGETS = {"flops": 0.52, "saved": 0.50, "ops_per_token": 500}  # issue 14: ours/open_clip, ours/open_clip, ops
+# Ops that make the host wait for the device (their result decides what runs next). On CPU,
+# ``.tolist()``/``.numpy()`` read memory without dispatching an op, so they are not seen here.
+SYNC_OPS = {"aten._local_scalar_dense", "aten.is_nonzero", "aten.equal", "aten.nonzero", "aten.masked_select",
+            "aten._unique2", "aten.unique_dim", "aten.unique_consecutive", "aten.repeat_interleave"}
+
+
+def _cpu_flash_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return flop_counter.sdpa_flop_count(query, key, value)
+
+
+def _cpu_flash_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+# FlopCounterMode counts the CUDA attention kernels but not the CPU one that
+# F.scaled_dot_product_attention dispatches to here (both models use it): without these the
+# attention products of both towers would count as free.
+CPU_ATTENTION_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_flops,
+                       torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_flash_backward_flops}
+
+
+class SavedBytes:
+    """Bytes autograd keeps for backward during a forward, parameters excluded.
+
+    Each underlying storage counts once, whole: many saved tensors are views of one buffer (a
+    transposed weight, q/k/v sliced from one projection, the same activation saved by two ops),
+    and what stays in memory is the buffer, however many views of it are saved. Storages are told
+    apart by ``data_ptr``, which is safe here: a saved storage stays alive until backward, so no
+    other storage can reuse its address while we count. Parameters are left out: they are in
+    memory anyway, whether or not backward needs them (both models hold the same ones).
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.seen: set[int] = set()
+        self.bytes = 0
+
+    def pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in self.skip and ptr not in self.seen:
+            self.seen.add(ptr)
+            self.bytes += storage.nbytes()
+        return tensor
+
+    def hooks(self):
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda tensor: tensor)
+
+
+class OpCounter(TorchDispatchMode):
+    """Every aten op dispatched (on a GPU each is about one kernel launch), and the host syncs among them."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = self.syncs = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        self.syncs += str(func.overloadpacket) in SYNC_OPS
+        return func(*args, **(kwargs or {}))
+
+
+def counted_step(model, loss_fn, images, texts, forward: dict, loss_kw: dict) -> tuple[int, int, float]:
+    """FLOPs and saved-for-backward bytes of one training step (forward, loss, backward), and its loss."""
+    model.zero_grad(set_to_none=True)
+    saved = SavedBytes(model)
+    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as flops:
+        with saved.hooks():
+            out = model(images, texts, **forward)
+            parts = loss_fn(out["image_features"], out["text_features"], out["logits"], out["labels"],
+                            out["logit_scale"], output_dict=True, **loss_kw)
+            total = parts["contrastive_loss"] + parts["caption_loss"]
+        total.backward()
+    model.zero_grad(set_to_none=True)
+    return flops.get_total_flops(), saved.bytes, float(total.detach())
+
+
+def counted_generate(generate) -> tuple[torch.Tensor, int, int]:
+    """The tokens ``generate()`` returns, the aten ops it dispatched and the host syncs among them."""
+    with torch.no_grad(), OpCounter() as counter:
+        tokens = generate()
+    return tokens, counter.ops, counter.syncs
+
+
+def bench_flops(model_name: str, device: torch.device, batch: int, gen_batch: int, seq_len: int, seed: int = 0) -> dict:
+    """Issue 14's exact figures, ours next to open_clip on the same weights and inputs.
+
+    Training: one step on ``batch`` captions of 10 to 16 tokens (sot and eos included) padded
+    to the context, each side run as its training script runs it: open_clip as open_clip_train
+    does (``model(images, texts)``, ``CoCaLoss(2, 1)``), ours as ``coca train`` does
+    (``caption_tokens_only=True``, the loss divided by the batch's caption tokens).
+    Generation: beam search (6 beams, 3 groups: the defaults) on ``gen_batch`` images; ops per
+    generated token are the ops of the whole call divided by its decoding steps (the tokens
+    after the start token of the longest returned caption; both sides return the same tokens).
+    """
+    start = time.perf_counter()
+    ref, ours = build(model_name, seed)
+    ref, ours = ref.to(device).train(), ours.to(device).train()
+    (images, texts), = synthetic_batches(1, batch, image_size(ours), ours.text.context_length, seed + 3, words=(8, 14))
+    images, texts = images.to(device), texts.to(device)
+    caption_tokens = float((texts[:, 1:] != ours.pad_id).sum())
+    ours_loss = CoCaLoss(caption_loss_weight=2.0, clip_loss_weight=1.0, pad_id=ours.pad_id)
+    ref_loss = open_clip.CoCaLoss(caption_loss_weight=2.0, clip_loss_weight=1.0, pad_id=0)
+    ours_flops, ours_saved, ours_total = counted_step(ours, ours_loss, images, texts, {"caption_tokens_only": True},
+                                                      {"caption_tokens": caption_tokens})
+    ref_flops, ref_saved, ref_total = counted_step(ref, ref_loss, images, texts, {}, {})
+
+    ref, ours = ref.eval(), ours.eval()
+    gen_images = images[:gen_batch]
+    ours.generate(gen_images, seq_len=seq_len)  # warm-up: one-time work (CPU weight packing) is not per token
+    ours_tokens, ours_ops, ours_syncs = counted_generate(lambda: ours.generate(gen_images, seq_len=seq_len))
+    ref_tokens, ref_ops, ref_syncs = counted_generate(lambda: ref.generate(gen_images, seq_len=seq_len))
+    steps = max(ref_tokens.shape[1] - 1, 1)
+    identical = ours_tokens.shape == ref_tokens.shape and torch.equal(ours_tokens.cpu(), ref_tokens.cpu())
+    loss_gap = abs(ours_total - ref_total) / max(abs(ref_total), 1e-8)
+
+    flops_ratio, saved_ratio = ours_flops / ref_flops, ours_saved / ref_saved
+    ours_per_token = ours_ops / steps
+    return {
+        "task": "flops", "model": model_name, "device": str(device), "batch": batch, "gen_batch": gen_batch,
+        "seq_len": seq_len, "decode_steps": steps, "threads": torch.get_num_threads(),
+        "ours_flops_per_sample": ours_flops / batch, "open_clip_flops_per_sample": ref_flops / batch,
+        "flops_ratio": flops_ratio, "flops_target": TARGETS["flops"], "flops_met": flops_ratio <= TARGETS["flops"],
+        "ours_saved_bytes_per_sample": ours_saved / batch, "open_clip_saved_bytes_per_sample": ref_saved / batch,
+        "saved_ratio": saved_ratio, "saved_target": TARGETS["saved"], "saved_met": saved_ratio <= TARGETS["saved"],
+        "ours_ops_per_token": ours_per_token, "open_clip_ops_per_token": ref_ops / steps,
+        "ops_ratio": ours_ops / ref_ops, "ops_target": TARGETS["ops_per_token"],
+        "ops_met": ours_per_token <= TARGETS["ops_per_token"],
+        "ours_syncs_per_token": ours_syncs / steps, "open_clip_syncs_per_token": ref_syncs / steps,
+        "loss_rel_diff": loss_gap, "identical": identical, "seconds": time.perf_counter() - start,
+        "ok": identical and loss_gap <= LOSS_TOLERANCE["float32"],
+        "check": f"loss within {loss_gap:.1e}, tokens {'identical' if identical else 'DIFFER'}",
+    }
+
+
+def print_flops(r: dict) -> None:
+    """The issue's table for one model: open_clip, ours, ratio, target and whether it is met."""
+    def met(flag):
+        return "yes" if flag else "NO"
+
+    rows = [
+        ("training GFLOPs/sample", r["open_clip_flops_per_sample"] / 1e9, r["ours_flops_per_sample"] / 1e9,
+         r["flops_ratio"], f"<= {r['flops_target']:.2f}x", met(r["flops_met"])),
+        ("saved for backward MB/sample", r["open_clip_saved_bytes_per_sample"] / 1e6,
+         r["ours_saved_bytes_per_sample"] / 1e6, r["saved_ratio"], f"<= {r['saved_target']:.2f}x",
+         met(r["saved_met"])),
+        (f"aten ops/token (beam 6/3, batch {r['gen_batch']})", r["open_clip_ops_per_token"],
+         r["ours_ops_per_token"], r["ops_ratio"], f"<= {r['ops_target']} ops", met(r["ops_met"])),
+        ("host syncs/token", r["open_clip_syncs_per_token"], r["ours_syncs_per_token"], None, "-", "-"),
+    ]
+    print(f"flops    {r['model']}  {r['device']}, train batch {r['batch']}, {r['decode_steps']} decoding steps, "
+          f"{r['seconds']:.0f} s; {r['check']}")
+    print(f"         {'figure':<38}{'open_clip':>11}{'ours':>11}{'ratio':>8}  {'target':<14}met")
+    for name, ref, ours, ratio, target, ok in rows:
+        ratio = f"{ratio:.2f}x" if ratio is not None else "-"
+        print(f"         {name:<38}{ref:>11.1f}{ours:>11.1f}{ratio:>8}  {target:<14}{ok}", flush=True)
+
+
 # -- loader ------------------------------------------------------------------------------------
 
 def photo_shards(folder: Path, samples: int, per_shard: int = 64, seed: int = 0) -> str:
@@ -250,30 +424,67 @@ def photo_shards(folder: Path, samples: int, per_shard: int = 64, seed: int = 0)
     return str(folder / f"photos-{{0000..{shards - 1:04d}}}.tar")
 
 
-def bench_loader(workers: int, batch: int, samples: int, size: int = 224) -> dict:
+LOADER_TARGET = 2.0  # issue 14: samples/s per core, the new decode path over the previous one
+
+
+def decode_paths() -> dict:
+    """The JPEG decode paths to run side by side, baseline first: name -> a context the loader is
+    built and run in (its workers are forked inside it, so they inherit it). ``previous``: every
+    JPEG decoded whole, then cropped (before issue 14); ``new``: decoded at reduced size for the crop."""
+    from unittest import mock
+
+    from coca_cli.data import transforms
+
+    return {"previous": lambda: mock.patch.object(transforms, "REDUCED_DECODE", False), "new": nullcontext}
+
+
+def bench_loader(spec: str, workers: int, batch: int, samples: int, size: int = 224) -> dict:
     """Decoded, augmented samples/s of ``coca train``'s shard loader (TrainData) with ``workers``."""
-    import tempfile
     from functools import partial
 
     from coca_cli.data.datasets import DataConfig, TrainData
     from coca_cli.data.tokenizer import tokenize
     from coca_cli.data.transforms import image_transform
 
-    with tempfile.TemporaryDirectory() as tmp:
-        spec = photo_shards(Path(tmp), samples)
-        cfg = DataConfig(spec, workers=workers, batch_size=batch, num_samples=samples, shuffle_buffer=batch)
-        data = TrainData(cfg, image_transform(size, is_train=True), partial(tokenize, context_length=77))
-        batches = data.epoch(0)
-        next(batches)  # warm-up: workers started and filling
-        start, count = time.perf_counter(), 0
-        for b in batches:
-            count += len(b.images)
-        seconds = time.perf_counter() - start
-        batches.close()
+    cfg = DataConfig(spec, workers=workers, batch_size=batch, num_samples=samples, shuffle_buffer=batch)
+    data = TrainData(cfg, image_transform(size, is_train=True), partial(tokenize, context_length=77))
+    batches = data.epoch(0)
+    next(batches)  # warm-up: workers started and filling
+    start, count = time.perf_counter(), 0
+    for b in batches:
+        count += len(b.images)
+    seconds = time.perf_counter() - start
+    batches.close()
     rate = count / seconds
     return {"task": "loader", "model": "-", "device": "cpu", "batch": batch, "dtype": "-", "workers": workers,
-            "samples": count, "ours_per_s": rate, "per_worker_per_s": rate / max(workers, 1), "ok": True,
-            "check": f"{workers} workers: {rate / max(workers, 1):.0f} samples/s each"}
+            "samples": count, "ours_per_s": rate, "per_worker_per_s": rate / max(workers, 1), "ok": True}
+
+
+def bench_loaders(worker_counts: list[int], batch: int, samples: int) -> list[dict]:
+    """Every decode path with every worker count on the same shards; each row's ``speedup`` is its
+    per-core rate over the baseline path's with as many workers (issue 14: >= 2x)."""
+    import tempfile
+
+    rows, paths = [], decode_paths()
+    baseline = next(iter(paths))
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = photo_shards(Path(tmp), samples)
+        for workers in worker_counts:
+            for path, context in paths.items():
+                with context():
+                    r = bench_loader(spec, workers, batch, samples)
+                if path == baseline:
+                    base_rate = r["per_worker_per_s"]
+                speedup = r["per_worker_per_s"] / base_rate
+                r.update(decode=path, speedup=speedup, target=LOADER_TARGET)
+                r["check"] = f"{path} decode, {workers} workers: {r['per_worker_per_s']:.0f} samples/s per core"
+                if path != baseline:
+                    r["check"] += (f", {speedup:.2f}x {baseline} (target >= {LOADER_TARGET:.0f}x: "
+                                   f"{'met' if speedup >= LOADER_TARGET else 'NOT met'})")
+                rows.append(r)
+                print(f"{'loader':<9}{'-':<15}{'cpu':<7}{batch:>6}  {'-':<9}{r['ours_per_s']:>9.1f}{'-':>12}"
+                      f"{speedup:>7.2f}x  {'-':<17}{r['check']}", flush=True)
+    return rows
 
 
 # -- main --------------------------------------------------------------------------------------
@@ -285,6 +496,7 @@ def default_cases(device: torch.device, tasks: list[str]) -> list[tuple[str, str
                  ("train", "coca_ViT-B-32", 256), ("train", "coca_ViT-L-14", 128)]
     else:
         cases = [("generate", "coca_ViT-B-32", 2), ("train", "coca_ViT-B-32", 8)]
+    cases += [("flops", "coca_ViT-B-32", 8), ("flops", "coca_ViT-L-14", 8)]  # issue 14: the same on every device
     return [c for c in cases if c[0] in tasks]
 
 
@@ -297,7 +509,7 @@ def _memory(r: dict) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", default="generate,train,loader",
-                        help="generate, train, loader, comma separated (default: all three)")
+                        help="generate, train, loader, flops, comma separated (default: generate,train,loader)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     parser.add_argument("--model", default=None, help="one model for every task (default: the standard cases)")
     parser.add_argument("--batch", type=int, default=None, help="batch size (default: the standard cases')")
@@ -308,6 +520,7 @@ def main(argv=None) -> int:
     parser.add_argument("--ref-repeats", type=int, default=None, help="generate: timed runs of open_clip")
     parser.add_argument("--warmup", type=int, default=None, help="train: untimed steps (default: 5 CUDA, 2 CPU)")
     parser.add_argument("--steps", type=int, default=None, help="train: timed steps (default: 20 CUDA, 5 CPU)")
+    parser.add_argument("--gen-batch", type=int, default=4, help="flops: images for the beam search count")
     parser.add_argument("--loader-workers", default=None,
                         help="loader: worker counts to try, comma separated (default: 1 and all CPUs up to 8)")
     parser.add_argument("--loader-samples", type=int, default=512, help="loader: JPEGs decoded per worker count")
@@ -321,8 +534,8 @@ def main(argv=None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("CUDA is not available")
     tasks = [t.strip() for t in args.task.split(",") if t.strip()]
-    if not tasks or set(tasks) - {"generate", "train", "loader"}:
-        parser.error("--task takes generate, train and/or loader")
+    if not tasks or set(tasks) - {"generate", "train", "loader", "flops"}:
+        parser.error("--task takes generate, train, loader and/or flops")
     cuda = device.type == "cuda"
     dtype = args.dtype or ("bfloat16" if cuda else "float32")
     seq_len = args.seq_len or (30 if cuda else 20)
@@ -332,22 +545,26 @@ def main(argv=None) -> int:
         cases = [(task, args.model, batch) for task, _, batch in cases]
     if args.batch:
         cases = [(task, name, args.batch) for task, name, _ in cases]
+    cases = list(dict.fromkeys(cases))  # --model makes the two flops cases one
 
     header = (f"{'task':<9}{'model':<15}{'device':<7}{'batch':>6}  {'dtype':<9}{'ours/s':>9}{'open_clip/s':>12}"
               f"{'ratio':>8}  {'peak GiB ours/oc':<17}check")
-    print(header)
-    print("-" * len(header))
+    if set(tasks) - {"flops"}:
+        print(header)
+        print("-" * len(header))
     results = []
     if "loader" in tasks:
         default_workers = sorted({1, min(8, os.cpu_count() or 1)})
         counts = [int(w) for w in args.loader_workers.split(",")] if args.loader_workers else default_workers
-        cases += [("loader", w, args.batch or 64) for w in counts]
+        cases.append(("loader", tuple(counts), args.batch or 64))
     for task, name, batch in cases:
         if task == "loader":
-            r = bench_loader(name, batch, args.loader_samples)
+            results += bench_loaders(list(name), batch, args.loader_samples)
+            continue
+        if task == "flops":
+            r = bench_flops(name, device, batch, min(args.gen_batch, batch), seq_len)
             results.append(r)
-            print(f"{task:<9}{'-':<15}{'cpu':<7}{batch:>6}  {'-':<9}{r['ours_per_s']:>9.1f}{'-':>12}{'-':>8}  "
-                  f"{'-':<17}{r['check']}", flush=True)
+            print_flops(r)
             continue
         if task == "generate":
             r = bench_generate(name, device, batch, seq_len, dtype, args.repeats, args.ref_repeats or args.repeats)

@@ -1,23 +1,52 @@
 """The side-by-side benchmark runs (tiny sizes), so it never rots between GPU sessions."""
 
 import json
+import math
 import subprocess
 import sys
 
 from conftest import ROOT
 
 
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def test_benchmark_script_runs_every_task_and_checks_itself(tmp_path):
+    """One run of every task (open_clip is imported once: slow on a busy machine)."""
     out = tmp_path / "results.jsonl"
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--model", "coca_tiny", "--batch", "4", "--seq-len", "8",
+        [sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--task", "generate,train,loader,flops",
+         "--model", "coca_tiny", "--batch", "4", "--seq-len", "8", "--gen-batch", "2",
          "--repeats", "1", "--warmup", "1", "--steps", "2", "--loader-workers", "1", "--loader-samples", "64",
          "--json-out", str(out)],
         capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
-    generate, train, loader = json.loads(out.read_text())["results"]
+    results = json.loads(out.read_text())["results"]
+    generate, train, flops = results[:3]
+    loaders = results[3:]
     assert generate["task"] == "generate" and generate["identical"] and generate["ours_per_s"] > 0
     assert train["task"] == "train" and len(train["ours_losses"]) == len(train["open_clip_losses"]) == 3
     assert train["loss_max_rel_diff"] < 1e-4 and train["speedup"] > 0
-    assert loader["task"] == "loader" and loader["samples"] == 60 and loader["per_worker_per_s"] > 0  # 64 - warm-up
     assert "generate" in result.stdout and "train" in result.stdout and "loader" in result.stdout
+
+    # flops: issue 14's first three rows (and host syncs), both sides counted on the same step and tokens
+    assert flops["task"] == "flops" and flops["model"] == "coca_tiny" and flops["identical"]
+    assert flops["loss_rel_diff"] < 1e-4 and flops["decode_steps"] >= 1 and flops["gen_batch"] == 2
+    for side in ("ours", "open_clip"):
+        for figure in ("flops_per_sample", "saved_bytes_per_sample", "ops_per_token", "syncs_per_token"):
+            assert _number(flops[f"{side}_{figure}"]), (side, figure, flops)
+        assert flops[f"{side}_flops_per_sample"] > 0 and flops[f"{side}_saved_bytes_per_sample"] > 0
+        assert flops[f"{side}_ops_per_token"] > 0
+    for row in ("flops", "saved", "ops"):
+        assert _number(flops[f"{row}_ratio"]) and _number(flops[f"{row}_target"])
+        assert isinstance(flops[f"{row}_met"], bool)
+    for figure in ("training GFLOPs/sample", "saved for backward MB/sample", "aten ops/token", "host syncs/token"):
+        assert figure in result.stdout
+
+    # loader: every decode path with the worker count, the first one the baseline
+    assert loaders and all(r["task"] == "loader" and r["workers"] == 1 for r in loaders)
+    assert loaders[0]["speedup"] == 1.0
+    for r in loaders:
+        assert r["samples"] == 60 and _number(r["per_worker_per_s"]) and r["per_worker_per_s"] > 0  # 64 - warm-up
+        assert _number(r["speedup"]) and r["target"] == 2.0 and isinstance(r["decode"], str)
