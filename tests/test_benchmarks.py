@@ -37,11 +37,13 @@ def test_benchmark_script_runs_every_task_and_checks_itself(tmp_path):
         for figure in ("flops_per_sample", "saved_bytes_per_sample", "ops_per_token", "syncs_per_token"):
             assert _number(flops[f"{side}_{figure}"]), (side, figure, flops)
         assert flops[f"{side}_flops_per_sample"] > 0 and flops[f"{side}_saved_bytes_per_sample"] > 0
-        assert flops[f"{side}_ops_per_token"] > 0
+        assert 0 < flops[f"{side}_kernel_ops_per_token"] < flops[f"{side}_ops_per_token"]
+        assert flops[f"{side}_saved_with_params_per_sample"] > flops[f"{side}_saved_bytes_per_sample"]
     for row in ("flops", "saved", "ops"):
         assert _number(flops[f"{row}_ratio"]) and _number(flops[f"{row}_target"])
         assert isinstance(flops[f"{row}_met"], bool)
-    for figure in ("training GFLOPs/sample", "saved for backward MB/sample", "aten ops/token", "host syncs/token"):
+    for figure in ("training GFLOPs/sample", "saved for backward MB/sample", "with the parameters it saves",
+                   "aten ops/token", "of which not views", "host syncs/token"):
         assert figure in result.stdout
 
     # loader: every decode path with the worker count, the first one the baseline
