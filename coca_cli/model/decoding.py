@@ -135,7 +135,7 @@ class IncrementalDecoder:
         self.image_kv_all = self.decoder.image_kv(image_embs)  # per image, computed once
         self.image_kv = self.image_kv_all
         self.image_index: Optional[torch.Tensor] = None
-        self.step = self._step
+        self.step, self.compiled = self._step, compile
         if compile:
             mode = "reduce-overhead" if image_embs.is_cuda else None
             self.step = torch.compile(self._step, mode=mode, dynamic=True)
@@ -143,8 +143,8 @@ class IncrementalDecoder:
 
     def reset(self):
         self.length = 0  # positions cached
-        self.text_cache = self.text.new_cache(self.max_len)
-        self.decoder_cache = self.decoder.new_cache(self.max_len)
+        self.text_cache = self.text.new_cache(self.max_len, static=self.compiled)
+        self.decoder_cache = self.decoder.new_cache(self.max_len, static=self.compiled)
 
     def use_images(self, image_index: torch.Tensor, rows_per_image: int = 1):
         index = image_index[::rows_per_image]
@@ -176,6 +176,8 @@ class IncrementalDecoder:
         previous = seq[:, past - 1] if past else None
         positions = torch.arange(past, seq.shape[1], device=seq.device)
         self.length = seq.shape[1]
+        for cache in (self.text_cache, self.decoder_cache):
+            cache.attend_span(self.max_len if self.compiled else self.length)
         return self.step(seq[:, past:], positions, previous)
 
 

@@ -61,31 +61,61 @@ class KVCache:
     """Keys and values of past positions for a stack of attention layers, preallocated.
 
     The buffers hold ``max_len`` positions from the first write on, and new positions are
-    written in place at their indices (``index_copy_``): every step sees the same shapes, so it
-    can be compiled and captured (CUDA graphs), and the past is never copied to grow it.
-    Positions not written yet are never attended: queries only see keys at or before their
-    own position. ``keep`` is the per-key mask shared by the layers (True = may be attended);
+    written in place at their indices (``index_copy_``), so the past is never copied to grow
+    it. A compiled step attends all ``max_len`` positions, the same shapes every step, so it can
+    be captured (CUDA graphs); an eager one only those written so far (``attend_span``), which
+    is less attention work. Positions not written yet are never attended: queries only see keys
+    at or before their own position. ``keep`` is the per-key mask shared by the layers (True = may be attended);
     the text encoder needs it because open_clip masks keys that follow a padding token.
     """
 
-    def __init__(self, layers: int, max_len: int):
-        self.layers, self.max_len = layers, max_len
+    def __init__(self, layers: int, max_len: int, static: bool = False):
+        self.layers, self.max_len, self.static = layers, max_len, static
+        self.spare: Optional[torch.Tensor] = None  # a second buffer for ``select`` to copy into
+        self.span = max_len  # positions the next step attends (``attend_span``)
+        self._past: Optional[list] = None  # this step's per-layer keys/values over ``span``
         self.kv: Optional[torch.Tensor] = None  # [2 (keys, values), layers, B, heads, max_len, head_dim]
         self.k: list[torch.Tensor] = []  # per layer views of it, [B, heads, max_len, head_dim]
         self.v: list[torch.Tensor] = []
         self.keep: Optional[torch.Tensor] = None  # [B, max_len] bool, or None when all keys are kept
 
     def _set(self, kv: torch.Tensor):
-        self.kv = kv
+        self.kv, self._past = kv, None
         self.k, self.v = (list(t.unbind(0)) for t in kv)
+
+    def attend_span(self, span: int):
+        """Attend the first ``span`` positions in the next step: eagerly only those written (less
+        attention work), compiled all ``max_len`` (static shapes). Unwritten ones are masked."""
+        self.span, self._past = span, None
+
+    def past(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer's keys and values over the attended span, [B, heads, span, head_dim]."""
+        if self.span == self.max_len:
+            return self.k[layer], self.v[layer]
+        if self._past is None:  # once per step (after its first write made the buffer): 4 views, not 2 per layer
+            self._past = [list(t.unbind(0)) for t in self.kv.narrow(4, 0, self.span).unbind(0)]
+        return self._past[0][layer], self._past[1][layer]
 
     def write(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Store ``k``/``v`` [B, heads, T_new, head_dim] of one layer at ``positions`` [T_new]."""
         if self.kv is None:
             B, heads, _, head_dim = k.shape
-            self._set(k.new_zeros(2, self.layers, B, heads, self.max_len, head_dim))
+            self._set(self._buffer(k, (2, self.layers, B, heads, self.max_len, head_dim)))
         self.k[layer].index_copy_(2, positions, k)
         self.v[layer].index_copy_(2, positions, v)
+
+    def mask(self, positions: torch.Tensor, keep: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """The attention mask of a step at ``positions`` (``step_mask``). One eager query sees
+        every key of its span, so only the key mask ``keep`` [B, max_len] is left, if any."""
+        if positions.shape[0] == 1 and not self.static:
+            return None if keep is None else keep.narrow(1, 0, self.span)[:, None, None, :]  # [B, 1, 1, span]
+        return step_mask(positions, self.span, keep)
+
+    def _buffer(self, like: torch.Tensor, shape) -> torch.Tensor:
+        """A new buffer. Eager steps never read unwritten positions, so it is left uninitialised
+        (zeroing max_len positions costs more than the few written); a static step attends
+        them masked, and a masked key's value still meets a zero weight, so it must be finite."""
+        return like.new_zeros(shape) if self.static else like.new_empty(shape)
 
     def write_keep(self, positions: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """Store the key mask ``keep`` [B, T_new] at ``positions``; returns all of it, [B, max_len]."""
@@ -96,33 +126,40 @@ class KVCache:
     def select(self, index: torch.Tensor, length: int):
         """Keep and reorder batch rows (beam reordering, dropping finished rows).
 
-        While the number of rows stays the same, only the first ``length`` positions (all that
-        was written) are copied, in place; fewer rows make smaller buffers.
+        Only the first ``length`` positions (all that was written) are copied, once: into a
+        spare buffer that is then swapped in, or a smaller one for fewer rows. With ``static``
+        (a compiled, captured step reads the buffer at one address) they are reordered in place.
         """
-        def pick(buf: torch.Tensor, rows: int, pos: int) -> torch.Tensor:
-            if index.numel() != buf.shape[rows]:
-                return buf.index_select(rows, index)
-            past = buf.narrow(pos, 0, length)
-            past.copy_(past.index_select(rows, index))
-            return buf
-
         if self.kv is not None:
-            kv = pick(self.kv, 2, 4)
-            if kv is not self.kv:
-                self._set(kv)
+            same_rows = index.numel() == self.kv.shape[2]
+            past = self.kv.narrow(4, 0, length)
+            if same_rows and self.static:
+                past.copy_(past.index_select(2, index))
+            else:
+                out = self.spare if same_rows and self.spare is not None else self._buffer(
+                    self.kv, (*self.kv.shape[:2], index.numel(), *self.kv.shape[3:]))
+                torch.index_select(past, 2, index, out=out.narrow(4, 0, length))
+                self.spare = self.kv if same_rows else None
+                self._set(out)
         if self.keep is not None:
-            self.keep = pick(self.keep, 0, 1)
+            if index.numel() != self.keep.shape[0]:
+                self.keep = self.keep.index_select(0, index)
+            else:
+                kept = self.keep.narrow(1, 0, length)
+                kept.copy_(kept.index_select(0, index))
 
 
-def step_mask(positions: torch.Tensor, max_len: int, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Which cached keys new queries at ``positions`` [T_new] may attend, True = attend.
+def step_mask(positions: torch.Tensor, span: int, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Which of the first ``span`` cached keys new queries at ``positions`` [T_new] may attend, True = attend.
 
-    Keys at or before the query's position: [T_new, max_len]; with a key mask ``keep``
-    [B, max_len] also only those kept: [B, 1, T_new, max_len].
+    Keys at or before the query's position: [T_new, span]; with a key mask ``keep``
+    [B, >= span] also only those kept: [B, 1, T_new, span].
     """
-    mask = torch.arange(max_len, device=positions.device) <= positions[:, None]
+    mask = torch.arange(span, device=positions.device) <= positions[:, None]
     if keep is None:
         return mask
+    if keep.shape[1] != span:
+        keep = keep.narrow(1, 0, span)
     return (mask & keep[:, None, :]).unsqueeze(1)
 
 
@@ -233,11 +270,11 @@ class ResidualBlock(nn.Module):
 
     # -- incremental decoding -------------------------------------------------------------
     def step_self(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache, layer: int,
-                  mask: torch.Tensor) -> torch.Tensor:
+                  mask: Optional[torch.Tensor]) -> torch.Tensor:
         """Run new positions ``x`` [B, T_new, C] at ``positions``, attending to the cache (see ``step_mask``)."""
         q, k, v = self.attn.project_qkv(self.ln_1(x))
         cache.write(layer, positions, k, v)
-        x = x + self.ls_1(self.attn.attend(q, cache.k[layer], cache.v[layer], mask))
+        x = x + self.ls_1(self.attn.attend(q, *cache.past(layer), mask))
         return x + self.ls_2(self.mlp(self.ln_2(x)))
 
     def context_kv(self, context: torch.Tensor):

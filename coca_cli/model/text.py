@@ -16,7 +16,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from .config import CLIPTextCfg, MultimodalCfg
-from .layers import KVCache, LayerNorm, ResidualBlock, Transformer, causal_mask, init_transformer_blocks, step_mask
+from .layers import KVCache, LayerNorm, ResidualBlock, Transformer, causal_mask, init_transformer_blocks
 from .packed import linear
 
 
@@ -118,8 +118,8 @@ class TextTransformer(nn.Module):
         return (pooled, tokens) if self.output_tokens else pooled
 
     # -- incremental decoding -------------------------------------------------------------
-    def new_cache(self, max_len: int) -> KVCache:
-        return KVCache(len(self.transformer.resblocks), max_len)
+    def new_cache(self, max_len: int, static: bool = False) -> KVCache:
+        return KVCache(len(self.transformer.resblocks), max_len, static)
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
              previous: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -129,7 +129,7 @@ class TextTransformer(nn.Module):
         x = x + self.positional_embedding.index_select(0, positions).to(x.dtype)
         keep = self.key_keep_mask(tokens, previous)
         keep = None if keep is None else cache.write_keep(positions, keep)
-        mask = step_mask(positions, cache.max_len, keep)
+        mask = cache.mask(positions, keep)
         for layer, block in enumerate(self.transformer.resblocks):
             x = block.step_self(x, positions, cache, layer, mask)
         return x
@@ -175,8 +175,8 @@ class MultimodalDecoder(nn.Module):
         return self.ln_final(x) @ self.text_projection  # [B, T, vocab] or [P, vocab]
 
     # -- incremental decoding -------------------------------------------------------------
-    def new_cache(self, max_len: int) -> KVCache:
-        return KVCache(len(self.resblocks), max_len)
+    def new_cache(self, max_len: int, static: bool = False) -> KVCache:
+        return KVCache(len(self.resblocks), max_len, static)
 
     def image_kv(self, image_embs: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Cross-attention keys/values of the image tokens: computed once per image."""
@@ -185,7 +185,7 @@ class MultimodalDecoder(nn.Module):
     def step(self, text_embs: torch.Tensor, positions: torch.Tensor, cache: KVCache, image_kv) -> torch.Tensor:
         """Logits [B, vocab] of the last new position (at ``positions`` [T_new]), given the cached past."""
         x = text_embs
-        mask = step_mask(positions, cache.max_len)  # [T_new, max_len]
+        mask = cache.mask(positions)  # [T_new, span] or None
         for layer, (self_block, cross_block, (k, v)) in enumerate(zip(self.resblocks, self.cross_attn, image_kv)):
             x = self_block.step_self(x, positions, cache, layer, mask)
             x = cross_block.step_cross(x, k, v)
