@@ -225,3 +225,16 @@ class Paused:
                     os.killpg(self.proc.pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+
+
+@pytest.fixture
+def without_cxx_compiler():
+    """Inductor finds no C++ compiler, through torch's own ``config.patch``: pytest's monkeypatch
+    leaves torch's config without the setting once it undoes (seen for ``cpp.cxx`` and
+    ``compile_threads``), and every later ``--compile`` in the session then fails."""
+    import torch._inductor.config as inductor
+
+    before = inductor.cpp.cxx
+    with inductor.patch({"cpp.cxx": ("no-such-c++",)}):
+        yield
+    assert inductor.cpp.cxx == before

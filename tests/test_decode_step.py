@@ -69,10 +69,7 @@ def test_caption_compile_cli_matches_eager(tiny, capsys):
     assert capsys.readouterr().out == eager
 
 
-def test_compile_without_a_compiler_is_one_line(tiny, capsys, monkeypatch):
-    import torch._inductor.config
-
-    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", ("no-such-c++",))
+def test_compile_without_a_compiler_is_one_line(tiny, capsys, without_cxx_compiler):
     assert run_cli("caption", *PHOTOS, "--pretrained", str(tiny[1]), *FAST, "--compile") == 2
     assert one_error_line(capsys) == ("coca: error: --compile on CPU needs a C++ compiler: "
                                       "install g++ (or set CXX to one)\n")

@@ -10,21 +10,19 @@ from conftest import run_cli
 from test_train import FAST, assert_same_weights, metrics, pairs, weights  # noqa: F401 - pairs is a fixture
 
 
-def test_a_compiled_run_resumed_from_an_eager_checkpoint_continues_it(pairs, tmp_path, capsys,  # noqa: F811
-                                                                     monkeypatch):
+def test_a_compiled_run_resumed_from_an_eager_checkpoint_continues_it(pairs, tmp_path, capsys):  # noqa: F811
     """One compiled run (resuming an eager checkpoint, validating at the end) against the eager run
     of the same 4 steps: the same losses, weights and checkpoint keys (no ``_orig_mod.`` prefix).
     Step 3 has another number of caption tokens than step 2: the graphs recompiled for it count too."""
     from coca_cli.train.checkpoints import load_checkpoint
 
-    monkeypatch.setattr(torch._inductor.config, "compile_threads", 1)  # no pool of compile workers to start
-
     common = [*FAST, "--data", pairs, "--val-data", pairs, "--val-num-samples", "8", "--batch-size", "8",
               "--train-num-samples", "32", "--epochs", "1"]
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
     assert run_cli("train", *common, "--save-every-n-steps", "1", "--keep", "4", "--output", eager) == 0
-    assert run_cli("train", *common, "--compile", "--output", compiled,
-                   "--resume", eager / "checkpoints" / "step_000000001.pt") == 0, capsys.readouterr().err
+    with torch._inductor.config.patch(compile_threads=1):  # no pool of compile workers to start
+        assert run_cli("train", *common, "--compile", "--output", compiled,
+                       "--resume", eager / "checkpoints" / "step_000000001.pt") == 0, capsys.readouterr().err
     assert json.loads((compiled / "train_config.json").read_text())["compile"] is True
     train_eager, train_compiled = ([r for r in metrics(run) if "split" not in r] for run in (eager, compiled))
     assert [r["step"] for r in train_compiled] == [2, 3, 4]
@@ -39,8 +37,7 @@ def test_a_compiled_run_resumed_from_an_eager_checkpoint_continues_it(pairs, tmp
     assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
 
 
-def test_compile_without_a_cxx_compiler_is_one_line(pairs, tmp_path, capsys, monkeypatch):  # noqa: F811
-    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", ("no-such-c++",))
+def test_compile_without_a_cxx_compiler_is_one_line(pairs, tmp_path, capsys, without_cxx_compiler):  # noqa: F811
     assert run_cli("train", *FAST, "--data", pairs, "--compile", "--output", tmp_path / "run") == 2
     err = capsys.readouterr().err
     assert err == "coca: error: --compile on CPU needs a C++ compiler: install g++ (or set CXX to one)\n"
