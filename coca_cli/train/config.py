@@ -19,8 +19,7 @@ REPORTERS = ("tensorboard", "wandb")
 
 # Where each float setting must lie. All must be finite and within float32, the weights' precision,
 # where --lr 1e39 is already inf: an inf or NaN setting only ever trains a model of NaNs.
-_FLOAT32_MAX = torch.finfo(torch.float32).max
-_RANGES = {"> 0": lambda v: 0 < v <= _FLOAT32_MAX, ">= 0": lambda v: 0 <= v <= _FLOAT32_MAX,
+_RANGES = {"> 0": lambda v: 0 < v <= generation.FLOAT32_MAX, ">= 0": lambda v: 0 <= v <= generation.FLOAT32_MAX,
            "in [0, 1)": lambda v: 0 <= v < 1}
 FLOAT_RANGES = {"lr": "> 0", "eps": "> 0", "grad_clip_norm": "> 0", "wd": ">= 0", "beta1": "in [0, 1)",
                 "beta2": "in [0, 1)", "coca_caption_loss_weight": ">= 0", "coca_contrastive_loss_weight": ">= 0"}
