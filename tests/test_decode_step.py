@@ -26,19 +26,21 @@ def test_cache_is_written_in_place_and_reordered(static):
     cache = KVCache(layers=2, max_len=5, static=static)
     k = torch.arange(2 * 3.0).view(2, 1, 3, 1)  # [B, heads, T_new, head_dim]
     cache.write(0, torch.arange(3), k, -k)
-    buffer = cache.k[0]
+    buffer = cache.kv  # [keys/values, layers, B, heads, max_len, head_dim]
     cache.write(0, torch.tensor([3]), k[:, :, :1] + 10, k[:, :, :1])
-    assert cache.k[0] is buffer and buffer.shape == (2, 1, 5, 1)  # static shape, no copy to grow it
+    assert cache.kv is buffer and buffer.shape == (2, 2, 2, 1, 5, 1)  # static shape, no copy to grow it
     cache.select(torch.tensor([1, 1]), length=4)
-    assert (cache.k[0] is buffer) == static
-    assert cache.k[0][:, 0, :4, 0].tolist() == [[3, 4, 5, 13], [3, 4, 5, 13]]
+    assert (cache.kv is buffer) == static
+    keys, values = cache.kv[:, 0]  # layer 0's
+    assert keys[:, 0, :4, 0].tolist() == [[3, 4, 5, 13], [3, 4, 5, 13]]
     if static:
-        assert cache.k[0][:, 0, 4, 0].tolist() == [0, 0]  # never written: zero, so finite where attended
+        assert keys[:, 0, 4, 0].tolist() == [0, 0]  # never written: zero, so finite where attended
+        assert cache.past(0)[0].data_ptr() == buffer.data_ptr()  # the views a compiled step reads
     cache.attend_span(4)
     k_past, v_past = cache.past(0)
     assert k_past.shape == (2, 1, 4, 1) and v_past[0, 0, :, 0].tolist() == [-3, -4, -5, 3]
     cache.select(torch.tensor([0]), length=4)  # fewer rows: a smaller buffer
-    assert cache.k[0].shape == (1, 1, 5, 1) and cache.v[0][0, 0, :4, 0].tolist() == [-3, -4, -5, 3]
+    assert cache.kv.shape[2] == 1 and cache.kv[1, 0, 0, 0, :4, 0].tolist() == [-3, -4, -5, 3]
 
 
 def test_step_mask_is_causal_over_the_buffer():

@@ -33,6 +33,23 @@ def test_packed_linear_matches_f_linear_for_weights_and_views():
     assert weight in packed._packs and len(packed._packs[weight]) == 2
 
 
+def test_fused_gelu_and_residual_match_the_separate_ops():
+    """oneDNN post-ops: the MLP's GELU and a block's residual add, fused into the matmul."""
+    weight, bias, x = _weights()
+    residual = torch.randn(*x.shape[:-1], weight.shape[0])
+    expected_gelu, expected_add = F.gelu(F.linear(x, weight, bias)), residual + F.linear(x, weight, bias)
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode(), packed_linears():
+            assert torch.allclose(linear(x, weight, bias, gelu=True), expected_gelu, atol=1e-5)
+            assert torch.allclose(linear(x, weight, bias, residual=residual), expected_add, atol=1e-5)
+            # a residual the fused op cannot take (not contiguous) falls back, same result
+            strided = residual.transpose(0, 1).contiguous().transpose(0, 1)
+            assert torch.allclose(linear(x, weight, bias, residual=strided), expected_add, atol=1e-5)
+    with torch.no_grad():  # outside the block: the separate ops themselves
+        assert torch.equal(linear(x, weight, bias, gelu=True), expected_gelu)
+        assert torch.equal(linear(x, weight, bias, residual=residual), expected_add)
+
+
 def test_a_packed_copy_never_outlives_a_weight_update():
     weight, bias, x = _weights()
     with torch.inference_mode(), packed_linears():

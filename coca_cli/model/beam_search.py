@@ -72,17 +72,21 @@ def beam_search(stepper, n_images: int, device, *, sot: int, eos_ids: list[int],
     # All beams of an image start identical: run the first step once per image.
     stepper.use_images(torch.arange(B, device=device))
     active_images = list(range(B))
+    active_rows = rows_all
     cache_pos = rows_all // N  # cached row of each global row (-1: not cached)
+    cache_is_identity = False  # cache_pos[row] == row (all images running, past the first step)
     first = True
+    group_first_row = group_first_row.view(B * G, 1)
 
+    # Per step the host reads back only small tensors (the top 2S candidates of each group), and
+    # tensors the host already knows (which rows run, which groups are done) are rebuilt only
+    # when that changes: on a GPU each op here is a kernel launch, like those of the model.
     while True:
         cur_len = input_ids.shape[1]
-        active = torch.tensor(active_images, device=device)
-        active_rows = (active[:, None] * N + torch.arange(N, device=device)).view(-1)
         if first:
             logits = stepper.logits(input_ids[::N]).repeat_interleave(N, dim=0)
         else:
-            logits_active = stepper.logits(input_ids[active_rows])
+            logits_active = stepper.logits(input_ids if len(active_images) == B else input_ids[active_rows])
             if len(active_images) == B:
                 logits = logits_active
             else:  # finished images are not computed; their rows are never used
@@ -92,7 +96,7 @@ def beam_search(stepper, n_images: int, device, *, sot: int, eos_ids: list[int],
 
         scores = suppress_eos_before_min_length(logits, cur_len, min_seq_len, eos_t)
         scores = penalize_repetitions(scores, input_ids, repetition_penalty)
-        scores = scores + beam_scores[:, None]
+        scores = scores + beam_scores.view(-1, 1)
         # every (image, group) picks 2 * S candidates among its S beams x vocabulary; the groups
         # are independent (no diversity penalty in open_clip), so all are ranked in one call
         top_scores, top_flat = torch.topk(scores.view(B * G, S * V), 2 * S, dim=1, largest=True, sorted=True)
@@ -104,34 +108,36 @@ def beam_search(stepper, n_images: int, device, *, sot: int, eos_ids: list[int],
         order = torch.sort(top_is_eos.to(torch.uint8), dim=1, stable=True)[1][:, :S]
         next_scores = top_scores.gather(1, order)
         next_tokens = top_token.gather(1, order)
-        next_parent = top_parent.gather(1, order)
-        parent_row = (group_first_row.view(-1, 1) + next_parent).view(B, G, S)
+        parent_row = (group_first_row + top_parent.gather(1, order)).view(B, G, S)
 
-        done_before = torch.tensor(done, device=device)  # [B, G]
-        if done_before.any():
+        any_done = any(map(any, done))
+        done_before = torch.tensor(done, device=device) if any_done else None  # [B, G]
+        if any_done:
             # A done group keeps score 0 and appends pad; the reference refills its beams from
             # beam 0 of the same group of image 0 (quirk 3).
             keep = ~done_before[..., None]
             next_scores = torch.where(keep.view(B * G, 1), next_scores, torch.zeros_like(next_scores))
             next_tokens = torch.where(keep.view(B * G, 1), next_tokens, torch.full_like(next_tokens, pad))
-            parent_row = torch.where(keep, parent_row, group_first_row[0].view(1, G, 1))
+            parent_row = torch.where(keep, parent_row, group_first_row[:G].view(1, G, 1))
 
         # Candidates among the top S that end the caption become hypotheses (on the CPU: few).
-        ends = (top_is_eos[:, :S]).nonzero().tolist()
-        top_scores_cpu = top_scores.cpu()
-        parent_cpu = top_parent.cpu() if ends else None
-        for bg, rank in ends:  # row-major: per (image, group), in rank order
+        top_scores_cpu, top_is_eos_cpu = top_scores.tolist(), top_is_eos.tolist()
+        parent_cpu = None
+        for bg, is_eos in enumerate(top_is_eos_cpu):  # row-major: per (image, group), in rank order
             b, g = divmod(bg, G)
             if done[b][g]:
                 continue
-            row = b * N + g * S + int(parent_cpu[bg, rank])
-            hyps[b][g].add(input_ids[row].clone(), top_scores_cpu[bg, rank].item(), cur_len + 1)
-        if bool((top_is_eos.gather(1, order) & ~done_before.view(B * G, 1)).any()):
-            raise ValueError("more beam candidates end in eos than there are beams; check eos_token_id")
+            if sum(is_eos) > S:
+                raise ValueError("more beam candidates end in eos than there are beams; check eos_token_id")
+            for rank in range(S):
+                if is_eos[rank]:
+                    parent_cpu = top_parent.tolist() if parent_cpu is None else parent_cpu
+                    row = b * N + g * S + parent_cpu[bg][rank]
+                    hyps[b][g].add(input_ids[row].clone(), top_scores_cpu[bg][rank], cur_len + 1)
         for b in range(B):
             for g in range(G):
                 if not done[b][g]:
-                    done[b][g] = hyps[b][g].is_done(top_scores_cpu[b * G + g, 0].item(), cur_len + 1)
+                    done[b][g] = hyps[b][g].is_done(top_scores_cpu[b * G + g][0], cur_len + 1)
 
         parent_row = parent_row.view(-1)
         input_ids = torch.cat([input_ids[parent_row], next_tokens.view(-1, 1)], dim=1)
@@ -144,12 +150,18 @@ def beam_search(stepper, n_images: int, device, *, sot: int, eos_ids: list[int],
         # Reorder the caches. Images whose groups are all done leave the batch; rows of a done
         # group inside a running image keep their own cache (their logits are never used).
         still = [b for b in active_images if not all(done[b])]
-        new_rows = (torch.tensor(still, device=device)[:, None] * N + torch.arange(N, device=device)).view(-1)
-        row_done = done_before.repeat_interleave(S, dim=1).view(-1)
-        cache_parent = torch.where(row_done, rows_all, parent_row)
-        stepper.select(cache_pos[cache_parent[new_rows]])
-        cache_pos = torch.full((B * N,), -1, dtype=torch.long, device=device)
-        cache_pos[new_rows] = torch.arange(new_rows.numel(), device=device)
+        if still != active_images:
+            active_rows = (torch.tensor(still, device=device)[:, None] * N + torch.arange(N, device=device)).view(-1)
+        cache_parent = parent_row
+        if any_done:
+            cache_parent = torch.where(done_before.repeat_interleave(S, dim=1).view(-1), rows_all, parent_row)
+        if len(still) < B:
+            cache_parent = cache_parent[active_rows]
+        stepper.select(cache_parent if cache_is_identity else cache_pos[cache_parent])
+        cache_is_identity = len(still) == B
+        if not cache_is_identity:
+            cache_pos = torch.full((B * N,), -1, dtype=torch.long, device=device)
+            cache_pos[active_rows] = torch.arange(active_rows.numel(), device=device)
         if first or still != active_images:
             stepper.use_images(torch.tensor(still, device=device).repeat_interleave(N), rows_per_image=N)
         active_images = still

@@ -32,14 +32,15 @@ class MaxLength:
 
 def should_stop(criteria: Sequence[StoppingCriterion], input_ids: torch.Tensor) -> bool:
     """True when, for every row, at least one criterion says stop (scores are not provided)."""
-    done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    done: Optional[torch.Tensor] = None  # rows stopped by per-row verdicts; built only if there are any
     for criterion in criteria:
         verdict = criterion(input_ids, None)
         if isinstance(verdict, torch.Tensor):
-            done = done | verdict.to(device=done.device, dtype=torch.bool)
+            verdict = verdict.to(device=input_ids.device, dtype=torch.bool)
+            done = verdict if done is None else done | verdict
         elif verdict:
             return True
-    return bool(done.all())
+    return done is not None and bool(done.all())
 
 
 def criteria_max_length(criteria: Sequence[StoppingCriterion]) -> Optional[int]:
@@ -134,6 +135,7 @@ class IncrementalDecoder:
         self.text, self.decoder, self.max_len = model.text, model.text_decoder, max_len
         self.image_kv_all = self.decoder.image_kv(image_embs)  # per image, computed once
         self.image_kv = self.image_kv_all
+        self.query_projections = self.decoder.query_projections()
         self.image_index: Optional[torch.Tensor] = None
         self.step, self.compiled = self._step, compile
         if compile:
@@ -165,7 +167,8 @@ class IncrementalDecoder:
 
     def _step(self, tokens: torch.Tensor, positions: torch.Tensor, previous: Optional[torch.Tensor]) -> torch.Tensor:
         embs = self.text.step(tokens, positions, self.text_cache, previous)
-        return self.decoder.step(embs, positions, self.decoder_cache, self.image_kv).float()
+        logits = self.decoder.step(embs, positions, self.decoder_cache, self.image_kv, self.query_projections)
+        return logits if logits.dtype == torch.float32 else logits.float()
 
     def logits(self, seq: torch.Tensor) -> torch.Tensor:
         """Float logits [rows, vocab] after ``seq`` [rows, L]; the cache holds ``seq[:, :length]``."""

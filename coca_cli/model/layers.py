@@ -35,10 +35,11 @@ class LayerNormFp32(nn.LayerNorm):
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` that can run on prepacked weights while decoding (see ``packed.py``)."""
+    """``nn.Linear`` that can run on prepacked weights while decoding, with a GELU or a residual
+    add fused into it (see ``packed.py``)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+    def forward(self, x: torch.Tensor, *, gelu: bool = False, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return linear(x, self.weight, self.bias, gelu=gelu, residual=residual)
 
 
 class QuickGELU(nn.Module):
@@ -75,13 +76,14 @@ class KVCache:
         self.span = max_len  # positions the next step attends (``attend_span``)
         self._past: Optional[list] = None  # this step's per-layer keys/values over ``span``
         self.kv: Optional[torch.Tensor] = None  # [2 (keys, values), layers, B, heads, max_len, head_dim]
-        self.k: list[torch.Tensor] = []  # per layer views of it, [B, heads, max_len, head_dim]
+        self.k: list[torch.Tensor] = []  # static: per layer views of it, [B, heads, max_len, head_dim]
         self.v: list[torch.Tensor] = []
         self.keep: Optional[torch.Tensor] = None  # [B, max_len] bool, or None when all keys are kept
 
     def _set(self, kv: torch.Tensor):
         self.kv, self._past = kv, None
-        self.k, self.v = (list(t.unbind(0)) for t in kv)
+        if self.static:  # a compiled step finds its per-layer views made, outside the graph
+            self.k, self.v = (list(t.unbind(0)) for t in kv)
 
     def attend_span(self, span: int):
         """Attend the first ``span`` positions in the next step: eagerly only those written (less
@@ -90,25 +92,27 @@ class KVCache:
 
     def past(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One layer's keys and values over the attended span, [B, heads, span, head_dim]."""
-        if self.span == self.max_len:
+        if self.static and self.span == self.max_len:
             return self.k[layer], self.v[layer]
         if self._past is None:  # once per step (after its first write made the buffer): 4 views, not 2 per layer
             self._past = [list(t.unbind(0)) for t in self.kv.narrow(4, 0, self.span).unbind(0)]
         return self._past[0][layer], self._past[1][layer]
 
     def write(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Store ``k``/``v`` [B, heads, T_new, head_dim] of one layer at ``positions`` [T_new]."""
+        """Store ``k``/``v`` [B, heads, T_new, head_dim] of one layer at ``positions`` [T_new], which
+        lie inside the attended span."""
         if self.kv is None:
             B, heads, _, head_dim = k.shape
             self._set(self._buffer(k, (2, self.layers, B, heads, self.max_len, head_dim)))
-        self.k[layer].index_copy_(2, positions, k)
-        self.v[layer].index_copy_(2, positions, v)
+        keys, values = self.past(layer)
+        keys.index_copy_(2, positions, k)
+        values.index_copy_(2, positions, v)
 
     def mask(self, positions: torch.Tensor, keep: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         """The attention mask of a step at ``positions`` (``step_mask``). One eager query sees
         every key of its span, so only the key mask ``keep`` [B, max_len] is left, if any."""
         if positions.shape[0] == 1 and not self.static:
-            return None if keep is None else keep.narrow(1, 0, self.span)[:, None, None, :]  # [B, 1, 1, span]
+            return None if keep is None else keep.narrow(1, 0, self.span).view(-1, 1, 1, self.span)  # [B, 1, 1, span]
         return step_mask(positions, self.span, keep)
 
     def _buffer(self, like: torch.Tensor, shape) -> torch.Tensor:
@@ -142,11 +146,11 @@ class KVCache:
                 self.spare = self.kv if same_rows else None
                 self._set(out)
         if self.keep is not None:
-            if index.numel() != self.keep.shape[0]:
-                self.keep = self.keep.index_select(0, index)
-            else:
+            if self.static and index.numel() == self.keep.shape[0]:
                 kept = self.keep.narrow(1, 0, length)
                 kept.copy_(kept.index_select(0, index))
+            else:  # a few bytes a row: one op copying all of it beats three copying only the past
+                self.keep = self.keep.index_select(0, index)
 
 
 def step_mask(positions: torch.Tensor, span: int, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -192,10 +196,11 @@ class Attention(nn.Module):
         nn.init.zeros_(self.in_proj_bias)
         nn.init.zeros_(self.out_proj.bias)
 
-    def _weights(self):
-        if self.fused:
-            return self.in_proj_weight.chunk(3)
-        return self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+    def query_projection(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The query rows of the input projection (weight, bias): views, made once per decode."""
+        dim = self.out_proj.weight.shape[0]
+        weight = self.in_proj_weight[:dim] if self.fused else self.q_proj_weight
+        return weight, self.in_proj_bias[:dim]
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
@@ -205,36 +210,43 @@ class Attention(nn.Module):
         """Self-attention projections in one matmul: [B, T, C] -> 3 x [B, heads, T, head_dim]."""
         B, T, C = x.shape
         qkv = linear(x, self.in_proj_weight, self.in_proj_bias)  # [B, T, 3C]
+        if T == 1:  # one position (a decoding step): the heads are in order already
+            return qkv.view(B, 3, self.heads, 1, C // self.heads).unbind(1)
         return qkv.view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
 
     def project_kv(self, context: torch.Tensor):
         """Cross-attention keys and values of a context, computed once and reusable."""
+        dim = self.out_proj.weight.shape[0]
         if self.fused:  # the k and v rows of the fused weight, a view: no copy made (and saved) per call
-            dim = self.in_proj_weight.shape[1]
             kv = F.linear(context, self.in_proj_weight[dim:], self.in_proj_bias[dim:])
             k, v = kv.chunk(2, dim=-1)
         else:
-            _, b_k, b_v = self.in_proj_bias.chunk(3)
+            b_k, b_v = self.in_proj_bias[dim:].chunk(2)
             k, v = F.linear(context, self.k_proj_weight, b_k), F.linear(context, self.v_proj_weight, b_v)
         return self._split_heads(k), self._split_heads(v)
 
-    def project_q(self, x: torch.Tensor) -> torch.Tensor:
-        w_q = self._weights()[0]
-        return self._split_heads(linear(x, w_q, self.in_proj_bias.chunk(3)[0]))
+    def project_q(self, x: torch.Tensor, projection: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+        """Queries [B, heads, T, head_dim]; ``projection`` is ``query_projection()``, if made already."""
+        return self._split_heads(linear(x, *(projection or self.query_projection())))
 
-    def attend(self, q, k, v, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """q [B, h, Tq, d], k/v [B, h, Tk, d], boolean mask (True = attend) -> [B, Tq, C]."""
+    def attend(self, q, k, v, mask: Optional[torch.Tensor] = None, shape: Optional[tuple] = None) -> torch.Tensor:
+        """q [B, h, Tq, d], k/v [B, h, Tk, d], boolean mask (True = attend) -> [B, Tq, C] (or
+        ``shape``), heads merged; ``out_proj`` is the caller's, so it can fuse its residual add."""
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         B, h, T, d = x.shape
-        return self.out_proj(x.transpose(1, 2).reshape(B, T, h * d))
+        shape = shape or (B, T, h * d)
+        if T == 1:  # one query: its heads are in order already
+            return x.reshape(shape)
+        return x.transpose(1, 2).reshape(shape)
 
-    def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None):
+    def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
+                residual: Optional[torch.Tensor] = None):
         if context is None:
             q, k, v = self.project_qkv(x)
         else:
             q = self.project_q(x)
             k, v = self.project_kv(context)
-        return self.attend(q, k, v, mask)
+        return self.out_proj(self.attend(q, k, v, mask), residual=residual)
 
 
 class ResidualBlock(nn.Module):
@@ -260,13 +272,29 @@ class ResidualBlock(nn.Module):
             ("c_proj", Linear(hidden, width)),
         ]))
         self.ls_2 = LayerScale(width, ls_init_value) if ls_init_value is not None else nn.Identity()
+        self.exact_gelu = type(self.mlp.gelu) is nn.GELU and self.mlp.gelu.approximate == "none"
+
+    @staticmethod
+    def _add(x: torch.Tensor, layer_scale: nn.Module, projection: Linear, h: torch.Tensor) -> torch.Tensor:
+        """x + layer_scale(projection(h)); without a layer scale the add is fused into the projection."""
+        if isinstance(layer_scale, nn.Identity):
+            return projection(h, residual=x)
+        return x + layer_scale(projection(h))
+
+    def _add_mlp(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.ln_2(x)
+        h = self.mlp.c_fc(h, gelu=True) if self.exact_gelu else self.mlp.gelu(self.mlp.c_fc(h))
+        return self._add(x, self.ls_2, self.mlp.c_proj, h)
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, context: Optional[torch.Tensor] = None):
         """x [B, T, C] -> [B, T, C]; context [B, N, C] (cross-attention); mask [T, T] or [B, 1, T, T]."""
-        if context is not None:
-            context = self.ln_1_kv(context)
-        x = x + self.ls_1(self.attn(self.ln_1(x), context=context, mask=mask))
-        return x + self.ls_2(self.mlp(self.ln_2(x)))
+        attn = self.attn
+        if context is None:
+            q, k, v = attn.project_qkv(self.ln_1(x))
+        else:
+            q, (k, v) = attn.project_q(self.ln_1(x)), attn.project_kv(self.ln_1_kv(context))
+        x = self._add(x, self.ls_1, attn.out_proj, attn.attend(q, k, v, mask))
+        return self._add_mlp(x)
 
     # -- incremental decoding -------------------------------------------------------------
     def step_self(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache, layer: int,
@@ -274,13 +302,14 @@ class ResidualBlock(nn.Module):
         """Run new positions ``x`` [B, T_new, C] at ``positions``, attending to the cache (see ``step_mask``)."""
         q, k, v = self.attn.project_qkv(self.ln_1(x))
         cache.write(layer, positions, k, v)
-        x = x + self.ls_1(self.attn.attend(q, *cache.past(layer), mask))
-        return x + self.ls_2(self.mlp(self.ln_2(x)))
+        x = self._add(x, self.ls_1, self.attn.out_proj, self.attn.attend(q, *cache.past(layer), mask))
+        return self._add_mlp(x)
 
     def context_kv(self, context: torch.Tensor):
         return self.attn.project_kv(self.ln_1_kv(context))
 
-    def step_cross(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def step_cross(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   query_projection: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
         """Cross-attend new positions ``x`` [R, T, C] to a context's keys/values [K, heads, N, d].
 
         R may be a multiple m of K: rows then come in runs of m sharing one context (the beams
@@ -288,15 +317,13 @@ class ResidualBlock(nn.Module):
         never copied per row. Each query attends independently, so the result is unchanged.
         """
         rows, T, C = x.shape
-        contexts = k.shape[0]
-        if rows != contexts:
-            if rows % contexts:
-                raise ValueError(f"{rows} rows cannot share {contexts} cross-attention contexts evenly")
-            x = x.reshape(contexts, rows // contexts * T, C)
-        q = self.attn.project_q(self.ln_1(x))
-        x = x + self.ls_1(self.attn.attend(q, k, v))
-        x = x + self.ls_2(self.mlp(self.ln_2(x)))
-        return x.reshape(rows, T, C)
+        contexts, heads = k.shape[:2]
+        if rows % contexts:
+            raise ValueError(f"{rows} rows cannot share {contexts} cross-attention contexts evenly")
+        q = linear(self.ln_1(x), *(query_projection or self.attn.query_projection()))  # [R, T, C]
+        q = q.view(contexts, rows // contexts * T, heads, C // heads).transpose(1, 2)  # [K, heads, m T, d]
+        merged = self.attn.attend(q, k, v, shape=(rows, T, C))
+        return self._add_mlp(self._add(x, self.ls_1, self.attn.out_proj, merged))
 
 
 def causal_mask(size: int, device=None) -> torch.Tensor:

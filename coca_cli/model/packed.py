@@ -5,7 +5,10 @@ decoder once per token, so on a CPU its time goes into reading weights from memo
 arithmetic. oneDNN reads a weight reordered ("prepacked") into its blocked layout two to three
 times faster than the row-major layout ``F.linear`` is given (see benchmarks/RESULTS.md).
 Inside ``packed_linears()``, :func:`linear` uses such a copy, made on first use and kept until
-the weight changes. Results equal ``F.linear``'s up to float rounding (~1e-6).
+the weight changes, and fuses what follows the matmul into it (oneDNN post-ops): the exact
+GELU of an MLP's first layer, or the residual added to a block's output projection. Each fused
+op is a pass over the activations (and, on a GPU, a kernel) that no longer runs on its own.
+Results equal ``F.linear``'s up to float rounding (~1e-6).
 
 The ops are oneDNN's own (``torch.ops.mkldnn``, the ones Inductor's CPU freezing uses); where a
 build lacks them, or they disagree with ``F.linear``, everything falls back to ``F.linear``.
@@ -35,9 +38,13 @@ def available() -> bool:
             return False
         weight = torch.arange(32, dtype=torch.float32).reshape(8, 4) / 32  # no RNG: keeps seeds intact
         x = torch.arange(12, dtype=torch.float32).reshape(3, 4) / 12
-        y = torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(weight), None,
-                                               "none", [], "")
-        return torch.allclose(y, F.linear(x, weight), atol=1e-5)
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight)
+        reference = F.linear(x, weight)
+        y = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+        y_gelu = torch.ops.mkldnn._linear_pointwise(x, packed, None, "gelu", [], "none")
+        y_add = torch.ops.mkldnn._linear_pointwise.binary(x, reference, packed, None, "add")
+        return (torch.allclose(y, reference, atol=1e-5) and torch.allclose(y_gelu, F.gelu(reference), atol=1e-5)
+                and torch.allclose(y_add, 2 * reference, atol=1e-5))
     except (AttributeError, RuntimeError):
         return False
 
@@ -52,14 +59,25 @@ def packed_linears(enabled: bool = True) -> Iterator[None]:
         _enabled.reset(token)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``F.linear``, through a packed copy of ``weight`` inside ``packed_linears()`` where it applies."""
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
+           gelu: bool = False, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``F.linear``, then the exact GELU (``gelu``) or ``residual +`` (not both), through a packed
+    copy of ``weight`` with that step fused into the matmul inside ``packed_linears()`` where it
+    applies."""
     if (_enabled.get() and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
-            and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")):
+            and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+            and (residual is None or (not gelu and residual.shape == (*x.shape[:-1], weight.shape[0])
+                                      and residual.dtype == x.dtype and residual.is_contiguous()))):
         packed = _packed(weight, rows=x.numel() // x.shape[-1])
         if packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-    return F.linear(x, weight, bias)
+            if residual is not None:
+                return torch.ops.mkldnn._linear_pointwise.binary(x, residual, packed, bias, "add")
+            return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "gelu" if gelu else "none", [],
+                                                      "none" if gelu else "")
+    y = F.linear(x, weight, bias)
+    if gelu:
+        y = F.gelu(y)
+    return y if residual is None else residual + y
 
 
 def _packed(weight: torch.Tensor, rows: int) -> Optional[torch.Tensor]:

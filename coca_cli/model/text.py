@@ -71,7 +71,9 @@ class TextTransformer(nn.Module):
         if previous is None:
             first = torch.ones_like(text[:, :1], dtype=torch.bool)
         else:
-            first = (previous != self.pad_id).unsqueeze(1)
+            first = (previous != self.pad_id).view(-1, 1)
+            if text.shape[1] == 1:  # one new token (a decoding step): nothing to concatenate
+                return first
         return torch.cat([first, text[:, :-1] != self.pad_id], dim=1)
 
     def _project(self, pooled: torch.Tensor) -> torch.Tensor:
@@ -126,7 +128,8 @@ class TextTransformer(nn.Module):
         """Token embeddings for new tokens [B, T_new] at ``positions`` [T_new], given the cached past
         (CLS not needed)."""
         x = self.token_embedding(tokens)  # [B, T_new, width]
-        x = x + self.positional_embedding.index_select(0, positions).to(x.dtype)
+        position_embs = self.positional_embedding.index_select(0, positions)
+        x = x + (position_embs if position_embs.dtype == x.dtype else position_embs.to(x.dtype))
         keep = self.key_keep_mask(tokens, previous)
         keep = None if keep is None else cache.write_keep(positions, keep)
         mask = cache.mask(positions, keep)
@@ -182,11 +185,17 @@ class MultimodalDecoder(nn.Module):
         """Cross-attention keys/values of the image tokens: computed once per image."""
         return [block.context_kv(image_embs) for block in self.cross_attn]  # per layer: k, v [B, heads, N, head_dim]
 
-    def step(self, text_embs: torch.Tensor, positions: torch.Tensor, cache: KVCache, image_kv) -> torch.Tensor:
+    def query_projections(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, the cross-attention query weight and bias, sliced once for all steps."""
+        return [block.attn.query_projection() for block in self.cross_attn]
+
+    def step(self, text_embs: torch.Tensor, positions: torch.Tensor, cache: KVCache, image_kv,
+             query_projections: Optional[list] = None) -> torch.Tensor:
         """Logits [B, vocab] of the last new position (at ``positions`` [T_new]), given the cached past."""
         x = text_embs
         mask = cache.mask(positions)  # [T_new, span] or None
+        query_projections = query_projections or self.query_projections()
         for layer, (self_block, cross_block, (k, v)) in enumerate(zip(self.resblocks, self.cross_attn, image_kv)):
             x = self_block.step_self(x, positions, cache, layer, mask)
-            x = cross_block.step_cross(x, k, v)
-        return linear(self.ln_final(x[:, -1]), self.text_projection.T)  # [B, vocab]
+            x = cross_block.step_cross(x, k, v, query_projections[layer])
+        return linear(self.ln_final(x[:, -1]), self.text_projection.t())  # [B, vocab]
