@@ -106,6 +106,33 @@ def test_grayscale_jpeg_and_unreadable_jpeg():
         seeded(transform, decode_image(cut, lazy=True), 1)
 
 
+def test_uint8_batches_equal_the_transform_bit_for_bit():
+    """PixelCrops + PixelBatch (the loader's default): per sample the crop's uint8 pixels, per
+    batch ToTensor's and Normalize's arithmetic; the same tensors as the transform gives, for
+    JPEGs decoded at full and at reduced size, grayscale, CMYK and PNG with alpha."""
+    transform = T.image_transform(224, is_train=True)
+    crops = T.fast_training_transform(transform)
+    assert isinstance(crops, T.PixelCrops)
+    rgba = io.BytesIO()
+    Image.open(PHOTOS[1]).convert("RGBA").save(rgba, "PNG")
+    samples = [jpeg(), jpeg((1800, 1000)), jpeg((300, 240)), jpeg(mode="L"), jpeg(mode="CMYK"), rgba.getvalue()]
+    items = [seeded(crops, decode_image(data, lazy=True), seed) for seed, data in enumerate(samples)]
+    assert all(item.dtype == torch.uint8 and item.shape == (3, 224, 224) for item in items)
+    batch = T.stack_images(items, crops)
+    assert len(batch) == len(samples) and batch.pixels.dtype == torch.uint8
+    expected = torch.stack([seeded(transform, decode_image(data, lazy=True), seed) for seed, data in enumerate(samples)])
+    assert torch.equal(batch.to("cpu"), expected)
+    assert torch.equal(batch.to("cpu", torch.bfloat16), expected.bfloat16())
+
+
+def test_the_uint8_path_is_only_for_the_plain_transform(monkeypatch):
+    jitter = T.image_transform(224, is_train=True, aug_cfg={"color_jitter_prob": 0.5, "color_jitter": (0.4, 0.4, 0.4, 0.1)})
+    assert T.fast_training_transform(jitter) is jitter  # colour jitter works on the PIL image
+    monkeypatch.setattr(T, "REDUCED_DECODE", False)
+    plain = T.image_transform(224, is_train=True)
+    assert T.fast_training_transform(plain) is plain
+
+
 def test_seeded_draws_as_manual_seed_and_restores_the_generators():
     random.seed(5)
     torch.manual_seed(5)

@@ -33,7 +33,7 @@ from ..errors import CocaError
 from .samples import SkipSample, decode_image, failing_on, sample_seed, seeded
 from .shards import caption_of, image_of, resolve_shards, shard_sizes, shuffled, tar_samples
 from .tables import CsvSamples, read_table
-from .transforms import decodes_lazily, stack_images
+from .transforms import decodes_lazily, fast_training_transform, stack_images
 
 
 @dataclass
@@ -190,6 +190,7 @@ class TrainData:
 
     def __init__(self, cfg: DataConfig, transform: Callable, tokenizer, rank: int = 0, world_size: int = 1,
                  accum_freq: int = 1, pin_memory: bool = False):
+        transform = fast_training_transform(transform)
         self.cfg, self.transform, self.tokenizer, self.pin_memory = cfg, transform, tokenizer, pin_memory
         self.rank, self.world_size, self.accum_freq = rank, world_size, accum_freq
         self.kind = dataset_kind(cfg.data, cfg.dataset_type)

@@ -294,8 +294,9 @@ class RandomGrayscale3:
 
 
 # Training loaders hand ReducedRandomResizedCrop JPEGs whose pixels are not decoded yet, so it can
-# decode them at reduced size. False: decode every image whole and crop as torchvision does (the
-# path before issue 14; benchmarks switch it off to compare).
+# decode them at reduced size, and batch plain crops as uint8 (``PixelCrops``). False: decode every
+# image whole, crop as torchvision does and normalise each sample in the worker (the path before
+# issue 14; benchmarks switch it off to compare).
 REDUCED_DECODE = True
 _DCT_SCALES = (8, 4, 2, 1)  # the JPEG DCT scalings Pillow's draft offers: 1/8, 1/4, 1/2, 1
 
@@ -321,11 +322,35 @@ class ReducedRandomResizedCrop(RandomResizedCrop):
     A decoded image takes torchvision's path, bit for bit as open_clip."""
 
     def forward(self, img):
-        if not (isinstance(img, Image.Image) and undecoded_jpeg(img)) or self.interpolation not in (
-                InterpolationMode.BICUBIC, InterpolationMode.BILINEAR):
+        if not self._reducible(img):
             if isinstance(img, Image.Image):
                 decode_pixels(img)
             return super().forward(img)
+        crop = self._reduced_crop(img)
+        if isinstance(crop, Image.Image):
+            return crop
+        return Image.fromarray(crop.permute(1, 2, 0).squeeze(2).contiguous().numpy())
+
+    def pixels(self, img) -> torch.Tensor:
+        """The crop as a uint8 (3, H, W) RGB tensor: exactly ``ToTensor(ToRGB(forward(img))) * 255``,
+        without building the PIL image in between where the crop was resized as a tensor."""
+        if self._reducible(img):
+            crop = self._reduced_crop(img)
+        else:
+            if isinstance(img, Image.Image):
+                decode_pixels(img)
+            crop = super().forward(img)
+        if isinstance(crop, Image.Image):
+            crop = pil_pixels(crop.convert("RGB"))
+        return crop if crop.shape[0] == 3 else crop.expand(3, -1, -1)  # grayscale: as convert("RGB")
+
+    def _reducible(self, img) -> bool:
+        return (isinstance(img, Image.Image) and undecoded_jpeg(img)
+                and self.interpolation in (InterpolationMode.BICUBIC, InterpolationMode.BILINEAR))
+
+    def _reduced_crop(self, img: Image.Image) -> Union[Image.Image, torch.Tensor]:
+        """The crop of an undecoded JPEG: decoded at a DCT reduction and resized by Pillow (an
+        image), or decoded whole and resized by ``crop_resize`` (a uint8 (C, H, W) tensor)."""
         top, left, height, width = self.get_params(img, self.scale, self.ratio)  # in the full image
         scale = dct_scale(height, width, self.size)
         if scale > 1:  # draft's box: the full image in the reduced one's coordinates
@@ -336,14 +361,65 @@ class ReducedRandomResizedCrop(RandomResizedCrop):
         if scale > 1:  # the box falls between reduced pixels: Pillow resizes exactly that region
             box = (left / scale, top / scale, (left + width) / scale, (top + height) / scale)
             return img.resize(self.size[::-1], TF.pil_modes_mapping[self.interpolation], box=box)
-        pixels = torch.from_numpy(np.array(img)).view(img.height, img.width, -1).permute(2, 0, 1)  # (C, H, W)
-        out = crop_resize(pixels, top, left, height, width, self.size, self.interpolation)
-        return Image.fromarray(out.permute(1, 2, 0).squeeze(2).contiguous().numpy())
+        return crop_resize(pil_pixels(img), top, left, height, width, self.size, self.interpolation)
+
+
+def pil_pixels(img: Image.Image) -> torch.Tensor:
+    """A decoded 8-bit PIL image (L or RGB) as a uint8 (C, H, W) tensor over one copy of its
+    pixels (read-only, which torch warns of: nothing writes to it)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        pixels = torch.from_numpy(np.asarray(img))
+    return pixels.view(img.height, img.width, -1).permute(2, 0, 1)
+
+
+class PixelCrops:
+    """The plain training transform (crop, RGB, ToTensor, Normalize) split where it is cheapest:
+    a loader worker makes each sample's uint8 crop, and the batch (``PixelBatch``) is converted
+    and normalised in one go where it is moved to. Crops travel between processes at a quarter
+    of the float size, and the arithmetic is ToTensor's then Normalize's, so the result is the
+    transform's, bit for bit."""
+
+    def __init__(self, transform: Compose):
+        self.transform = transform
+        self.crop, self.normalize = transform.transforms[0], transform.transforms[-1]
+
+    def __call__(self, img) -> torch.Tensor:
+        return self.crop.pixels(img)
+
+
+class PixelBatch:
+    """A training batch of uint8 crops [N, 3, H, W]; ``.to(device, dtype)`` normalises it there."""
+
+    def __init__(self, pixels: torch.Tensor, normalize: Normalize):
+        self.pixels, self.normalize = pixels, normalize
+
+    def __len__(self) -> int:
+        return len(self.pixels)
+
+    def pin_memory(self) -> "PixelBatch":
+        return PixelBatch(self.pixels.pin_memory(), self.normalize)
+
+    def to(self, device, dtype: Optional[torch.dtype] = None, non_blocking: bool = False) -> torch.Tensor:
+        images = self.pixels.to(device, non_blocking=non_blocking).float().div_(255)  # ToTensor's arithmetic
+        mean, std = (torch.as_tensor(v, dtype=images.dtype, device=images.device).view(-1, 1, 1)
+                     for v in (self.normalize.mean, self.normalize.std))
+        images = images.sub_(mean).div_(std)  # Normalize's, in place: no pass to copy the batch first
+        return images if dtype is None else images.to(dtype)
+
+
+def fast_training_transform(transform):
+    """What a training loader runs per sample for ``transform``: ``PixelCrops`` for the plain
+    pipeline built here (colour jitter and grayscale need the PIL image), else ``transform``."""
+    plain = [ReducedRandomResizedCrop, ToRGB, ToTensorIfNeeded, Normalize]
+    if REDUCED_DECODE and isinstance(transform, Compose) and [type(t) for t in transform.transforms] == plain:
+        return PixelCrops(transform)
+    return transform
 
 
 def decodes_lazily(transform) -> bool:
     """Whether ``transform`` (a training transform built here) decodes lazily opened JPEGs itself."""
-    if isinstance(transform, DeferredDecode):
+    if isinstance(transform, (DeferredDecode, PixelCrops)):
         return True
     return REDUCED_DECODE and isinstance(transform, Compose) and isinstance(
         transform.transforms[0], ReducedRandomResizedCrop)
@@ -457,10 +533,12 @@ class JpegBatch:
         return images if dtype is None else images.to(dtype)
 
 
-def stack_images(images: list, transform) -> Union[torch.Tensor, JpegBatch]:
+def stack_images(images: list, transform) -> Union[torch.Tensor, JpegBatch, PixelBatch]:
     """One training batch of what ``transform`` made of each sample."""
     if isinstance(transform, DeferredDecode):
         return JpegBatch(images, transform)
+    if isinstance(transform, PixelCrops):
+        return PixelBatch(torch.stack(images), transform.normalize)
     return torch.stack(images)
 
 
