@@ -54,7 +54,7 @@ class CLIPTextCfg:
     # Hugging Face text tower (coca_roberta-ViT-B-32); needs the optional `hf` extra.
     hf_model_name: Optional[str] = None
     hf_tokenizer_name: Optional[str] = None
-    hf_model_pretrained: bool = True
+    hf_model_pretrained: bool = field(default=True, compare=False)  # how it is built, not what is built
     hf_proj_type: str = "mlp"
     hf_pooler_type: str = "mean_pooler"
 
