@@ -1,8 +1,9 @@
 """coca: CoCa (Contrastive Captioners) without open_clip.
 
-The public API mirrors open_clip's CoCa API: ``create_model_and_transforms``,
-``get_tokenizer``, ``decode``, ``CoCa`` and its config dataclasses. Names are imported on
-first use, so ``coca --help`` does not pay for importing torch.
+The public API mirrors open_clip's CoCa API, so that code written for it runs after
+``import coca_cli as open_clip``: ``create_model_and_transforms``, ``create_model_from_pretrained``,
+``get_tokenizer``, ``decode``, ``CoCa`` and its config dataclasses, ``CoCaLoss``. Names are
+imported on first use, so ``coca --help`` does not pay for importing torch.
 """
 
 import importlib
@@ -15,7 +16,8 @@ _EXPORTS = {
     "CoCa": "model.coca",
     "Tokenizer": "data.tokenizer", "decode": "data.tokenizer", "tokenize": "data.tokenizer",
     "create_model": "weights.factory", "create_model_and_transforms": "weights.factory",
-    "get_tokenizer": "weights.factory", "list_pretrained": "weights.pretrained",
+    "create_model_from_pretrained": "weights.factory", "get_tokenizer": "weights.factory",
+    "list_pretrained": "weights.pretrained",
     "ClipLoss": "train.loss", "CoCaLoss": "train.loss",
     "CocaError": "errors",
 }

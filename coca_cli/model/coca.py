@@ -62,12 +62,14 @@ class CoCa(nn.Module):
         self.context_length = multimodal_cfg.context_length
 
     @classmethod
-    def from_config(cls, cfg: CoCaConfig, cast_dtype: Optional[torch.dtype] = None) -> "CoCa":
-        extra = {}
+    def from_config(cls, cfg: CoCaConfig, cast_dtype: Optional[torch.dtype] = None, **options) -> "CoCa":
+        """``options``: constructor keywords that are not config fields (``nonscalar_logit_scale``,
+        ``pad_id``), which open_clip's ``create_model`` passes on to ``CoCa``."""
+        extra = {"pad_id": cfg.text_cfg.pad_id, **options}
         if cfg.init_logit_scale is not None:
             extra["init_logit_scale"] = cfg.init_logit_scale
         model = cls(cfg.embed_dim, cfg.multimodal_cfg, cfg.text_cfg, cfg.vision_cfg, quick_gelu=cfg.quick_gelu,
-                    init_logit_bias=cfg.init_logit_bias, cast_dtype=cast_dtype, pad_id=cfg.text_cfg.pad_id, **extra)
+                    init_logit_bias=cfg.init_logit_bias, cast_dtype=cast_dtype, **extra)
         model.config = cfg
         return model
 

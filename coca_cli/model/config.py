@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Tuple, Union
 
 from ..errors import CocaError
 
@@ -25,7 +25,7 @@ class CLIPVisionCfg:
     head_width: int = 64
     mlp_ratio: float = 4.0
     patch_size: int = 16
-    image_size: int = 224
+    image_size: Union[int, Tuple[int, int]] = 224  # a side, or (height, width)
     ls_init_value: Optional[float] = None
     patch_dropout: float = 0.0
     attentional_pool: bool = False  # CoCa: pool image tokens with learned queries
@@ -54,7 +54,7 @@ class CLIPTextCfg:
     # Hugging Face text tower (coca_roberta-ViT-B-32); needs the optional `hf` extra.
     hf_model_name: Optional[str] = None
     hf_tokenizer_name: Optional[str] = None
-    hf_model_pretrained: bool = True
+    hf_model_pretrained: bool = field(default=True, compare=False)  # how it is built, not what is built
     hf_proj_type: str = "mlp"
     hf_pooler_type: str = "mean_pooler"
 
@@ -161,7 +161,14 @@ _BY_NAME = {
     "pad_id": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
     "mlp_ratio": (lambda v: _is_number(v) and v > 0, "a positive number"),
     "patch_dropout": (lambda v: _is_number(v) and 0 <= v < 1, "a number from 0 to below 1"),
+    "image_size": (lambda v: _is_int(v) and v > 0 or isinstance(v, (list, tuple)) and len(v) == 2
+                   and all(_is_int(side) and side > 0 for side in v), "a positive integer or [height, width]"),
 }
+
+
+def pair(size) -> tuple[int, int]:
+    """(height, width) of an ``image_size``: one side, or both."""
+    return (size, size) if _is_int(size) else (size[0], size[1])
 
 
 def _shown(value) -> str:
@@ -209,9 +216,9 @@ def _problem(cfg: "CoCaConfig") -> Optional[str]:
     for name, value, other_name, other in equal:
         if value != other:
             return f"{name} ({value}) must equal {other_name} ({other})"
-    if vision.patch_size > vision.image_size:
+    if vision.patch_size > min(pair(vision.image_size)):
         return (f"vision_cfg.patch_size ({vision.patch_size}) must not exceed "
-                f"vision_cfg.image_size ({vision.image_size})")
+                f"vision_cfg.image_size ({_shown(vision.image_size)})")
     if text.pad_id >= text.vocab_size:
         return f"text_cfg.pad_id ({text.pad_id}) must be below text_cfg.vocab_size ({text.vocab_size})"
     return None
@@ -234,8 +241,8 @@ def parameter_counts(cfg: "CoCaConfig") -> dict[str, int]:
     tower is not counted: its size is in its hub config, which is not fetched to check a config.
     tests/test_trust_memory.py checks the sum against models built on the meta device."""
     embed, vision, text, decoder = cfg.embed_dim, cfg.vision_cfg, cfg.text_cfg, cfg.multimodal_cfg
-    width, grid = vision.width, vision.image_size // vision.patch_size
-    image = (3 * width * vision.patch_size ** 2 + width + (grid * grid + 1) * width
+    width, (rows, columns) = vision.width, (side // vision.patch_size for side in pair(vision.image_size))
+    image = (3 * width * vision.patch_size ** 2 + width + (rows * columns + 1) * width
              + (0 if vision.no_ln_pre else 2 * width)
              + vision.layers * _block_parameters(width, vision.mlp_ratio, vision.ls_init_value))
     pooled = width
@@ -310,12 +317,18 @@ def builtin_name(cfg: CoCaConfig) -> Optional[str]:
     return next((name for name, path in _registry().items() if _read_config(path, name) == cfg), None)
 
 
-def _read_config(path, name: str) -> CoCaConfig:
+def read_config_file(path) -> dict:
+    """The JSON object in a config file, any failure to read it as one CocaError."""
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CocaError(f"cannot read model config {path}: {err}") from None
     if not isinstance(raw, dict):
         raise CocaError(f"model config {path} must be a JSON object")
+    return raw
+
+
+def _read_config(path, name: str) -> CoCaConfig:
+    raw = read_config_file(path)
     raw = raw.get("model_cfg", raw)  # open_clip's hub `open_clip_config.json` nests it
     return CoCaConfig.from_dict(raw, name=name)

@@ -6,6 +6,8 @@ checkpoints convert unchanged. Only this config needs it; everything else is pla
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -72,9 +74,9 @@ class HFTextEncoder(nn.Module):
 class HFTokenizer:
     """Wraps a Hugging Face tokenizer to return [N, context_length] id tensors."""
 
-    def __init__(self, name: str, context_length: int):
+    def __init__(self, name: str, context_length: int, cache_dir: Optional[str] = None):
         tf = _transformers()
-        self.tokenizer = _hub_call(f"the tokenizer {name}", tf.AutoTokenizer.from_pretrained, name)
+        self.tokenizer = _hub_call(f"the tokenizer {name}", tf.AutoTokenizer.from_pretrained, name, cache_dir=cache_dir)
         self.context_length = context_length
 
     def __call__(self, texts, context_length=None) -> torch.Tensor:

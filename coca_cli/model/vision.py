@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import CLIPVisionCfg
+from .config import CLIPVisionCfg, pair
 from .layers import Attention, LayerNorm, Transformer
 
 
@@ -54,12 +54,12 @@ class VisionTransformer(nn.Module):
         self.pool_type = cfg.pool_type
         self.final_ln_after_pool = cfg.final_ln_after_pool
         width = cfg.width
-        grid = cfg.image_size // cfg.patch_size
+        self.grid_size = tuple(side // cfg.patch_size for side in pair(cfg.image_size))  # patches down, across
         scale = width ** -0.5
 
         self.conv1 = nn.Conv2d(3, width, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
-        self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, width))
+        self.positional_embedding = nn.Parameter(scale * torch.randn(self.grid_size[0] * self.grid_size[1] + 1, width))
         self.patch_dropout = PatchDropout(cfg.patch_dropout)
         self.ln_pre = nn.Identity() if cfg.no_ln_pre else norm_layer(width)
         self.transformer = Transformer(width, cfg.layers, width // cfg.head_width, cfg.mlp_ratio,

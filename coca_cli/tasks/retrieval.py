@@ -39,6 +39,8 @@ def model_fingerprint(model, sample: int = 1024) -> str:
     spaced sample of each tensor's values tell models apart just as well, in milliseconds.
     """
     digest = hashlib.sha256()
+    # the kinds of layers too: a QuickGELU or a norm computed in fp32 changes embeddings, not weights
+    digest.update(" ".join(sorted({type(layer).__name__ for layer in model.visual.modules()})).encode())
     for name, tensor in model.visual.state_dict().items():
         flat = tensor.detach().flatten()
         picked = flat[:: max(1, flat.numel() // sample)].float().cpu()

@@ -10,6 +10,7 @@ checkpoints (``.pt``/``.bin`` pickles, training checkpoints with ``state_dict`` 
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import re
@@ -19,11 +20,12 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..model.config import CoCaConfig, builtin_name, get_model_config
+from ..model.config import CoCaConfig, builtin_name, get_model_config, read_config_file
 from ..errors import CocaError
 from ..files import atomic_torch_save, atomic_write, claim_folder
 
@@ -70,6 +72,13 @@ def stored_config(weights: Path) -> Optional[CoCaConfig]:
             return cfg
     found = find_config(weights)
     return get_model_config(found) if found is not None else None
+
+
+def stored_preprocess(weights: Path) -> dict:
+    """The ``preprocess_cfg`` of an open_clip hub config beside the weights (mean, std, resize), or {}."""
+    found = find_config(weights)
+    stored = read_config_file(found).get("preprocess_cfg") if found and found.name == OPENCLIP_CONFIG else None
+    return stored if isinstance(stored, dict) else {}
 
 
 def _is_training_checkpoint(obj) -> bool:
@@ -140,13 +149,15 @@ def _first_line(err: Exception) -> str:
     return text[0][:200] if text else type(err).__name__
 
 
-def check_fits(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
-    """Raise a CocaError naming missing, unexpected or mis-shaped keys; fix benign differences."""
+def check_fits(model: nn.Module, state: dict[str, torch.Tensor], source: str,
+               partial: bool = False) -> dict[str, torch.Tensor]:
+    """Raise a CocaError naming missing (unless ``partial``), unexpected or mis-shaped keys; fix
+    benign differences."""
     expected = model.state_dict()
     state = dict(state)
-    if "logit_scale" in state and state["logit_scale"].shape != expected["logit_scale"].shape:
+    if "logit_scale" in state and "logit_scale" in expected:  # a scalar, or [1] (nonscalar_logit_scale)
         state["logit_scale"] = state["logit_scale"].reshape(expected["logit_scale"].shape)
-    missing = sorted(set(expected) - set(state))
+    missing = [] if partial else sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong_shape = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
     problems = []
@@ -167,9 +178,50 @@ def _names(keys: list[str], limit: int = 6) -> str:
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
-def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
-    state = check_fits(model, load_state_dict(path), str(path))
-    model.load_state_dict(state, strict=True)
+def load_weights(model: nn.Module, path: str | os.PathLike, resize_positions: bool = False) -> None:
+    """The weights at ``path``, which must fit ``model`` exactly; with ``resize_positions``, up to the
+    lengths of the positional embeddings (see :func:`resized_positions`)."""
+    state = load_state_dict(path)
+    if resize_positions:
+        state = resized_positions(model, state)
+    model.load_state_dict(check_fits(model, state, str(path)), strict=True)
+
+
+def load_tower_weights(tower: nn.Module, path: str | os.PathLike, argument: str) -> None:
+    """open_clip's ``pretrained_image_path`` / ``pretrained_text_path``: one tower's state dict, loaded
+    over the model's weights. It may hold only part of the tower (open_clip loads it with
+    ``strict=False``), but a key the tower lacks or a shape it does not have is an error, where
+    open_clip would log it and go on without those weights."""
+    tower.load_state_dict(check_fits(tower, load_state_dict(path), f"{path} ({argument})", partial=True),
+                          strict=False)
+
+
+def resized_positions(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with its positional embeddings interpolated to ``model``'s image grid and text length,
+    as open_clip does whenever it loads weights, so that a model made with ``force_image_size`` or
+    ``force_context_length`` takes the weights of its config: the grid of patch positions bicubically
+    (the class token's position kept), the text positions linearly. Embeddings of another width, or
+    from a grid that is not square, are left for :func:`check_fits` to report."""
+    state = dict(state)
+    grid = state.get("visual.positional_embedding")  # [1 + side * side, width]: class token first
+    if _other_length(grid, model.visual.positional_embedding) and math.isqrt(len(grid) - 1) ** 2 == len(grid) - 1:
+        side, (rows, columns) = math.isqrt(len(grid) - 1), model.visual.grid_size
+        patches = grid[1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+        patches = F.interpolate(patches, size=(rows, columns), mode="bicubic", antialias=True, align_corners=False)
+        patches = patches.permute(0, 2, 3, 1).reshape(rows * columns, -1)
+        state["visual.positional_embedding"] = torch.cat([grid[:1], patches])
+    text = state.get("text.positional_embedding")
+    if _other_length(text, getattr(model.text, "positional_embedding", None)):  # a Hugging Face tower has none
+        positions = F.interpolate(text.T[None], size=model.text.positional_embedding.shape[0], mode="linear",
+                                  align_corners=False)
+        state["text.positional_embedding"] = positions[0].T
+    return state
+
+
+def _other_length(stored: Optional[torch.Tensor], expected: Optional[torch.Tensor]) -> bool:
+    """Both are tables of positions of the same width, of different lengths."""
+    return (stored is not None and expected is not None and stored.shape[0] != expected.shape[0]
+            and stored.shape[1:] == expected.shape[1:])
 
 
 # -- writing ---------------------------------------------------------------------------------
