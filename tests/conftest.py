@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import shutil
@@ -132,6 +133,70 @@ def one_error_line(capsys) -> str:
     err = capsys.readouterr().err
     assert err.startswith("coca: error: ") and err.count("\n") == 1, err
     return err
+
+
+# -- a tiny CoCa trained on scikit-learn's digits (see test_learning.py), once a session ----------
+
+DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+HELD_OUT_DIGITS = 300
+
+DIGITS_CONFIG = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 64, "layers": 2, "width": 96, "head_width": 32, "patch_size": 32,
+                   "attentional_pool": True, "attn_pooler_queries": 16, "attn_pooler_heads": 4,
+                   "output_tokens": True},
+    "text_cfg": {"context_length": 5, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2,
+                 "embed_cls": True, "output_tokens": True},
+    "multimodal_cfg": {"context_length": 5, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2,
+                       "attn_pooler_heads": 4},
+    "custom_text": True,
+}
+
+DIGITS_TRAIN = ["--batch-size", "32", "--epochs", "8", "--lr", "1e-3", "--warmup", "10", "--wd", "0.1",
+                "--coca-caption-loss-weight", "1", "--coca-contrastive-loss-weight", "1", "--precision", "fp32",
+                "--workers", "0", "--seed", "0", "--keep", "1", "--log-every-n-steps", "50"]
+
+
+@dataclass
+class TrainedDigits:
+    root: Path  # train/ and test/ images, train.csv and test.csv (filepath,title "the digit seven")
+    truth: dict  # each held-out image's path -> its digit's word
+    run: Path  # the `coca train` run folder; run / "final" is the model for --pretrained
+    seconds: float  # how long training took
+
+
+@pytest.fixture(scope="session")
+def trained_digits(tmp_path_factory) -> TrainedDigits:
+    """The 1797 8x8 digits upscaled to 64x64 RGB, 300 held out, and a tiny CoCa trained on the rest
+    through `coca train` (about a minute on two cores)."""
+    import json
+    import time
+
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    root = tmp_path_factory.mktemp("digits")
+    data = load_digits()
+    order = np.random.RandomState(0).permutation(len(data.target))
+    held_out = set(order[:HELD_OUT_DIGITS].tolist())
+    rows = {"train": ["filepath,title"], "test": ["filepath,title"]}
+    truth = {}
+    for i, (pixels, target) in enumerate(zip(data.images, data.target)):
+        image = Image.fromarray((pixels / 16 * 255).astype(np.uint8), "L").resize((64, 64), Image.BICUBIC)
+        split = "test" if i in held_out else "train"
+        path = root / split / f"{i:04d}.png"
+        path.parent.mkdir(exist_ok=True)
+        image.convert("RGB").save(path)
+        rows[split].append(f"{path},the digit {DIGIT_WORDS[target]}")
+        if split == "test":
+            truth[str(path)] = DIGIT_WORDS[target]
+    for split, lines in rows.items():
+        (root / f"{split}.csv").write_text("\n".join(lines) + "\n")
+    (root / "coca_digits.json").write_text(json.dumps(DIGITS_CONFIG))
+    start = time.perf_counter()
+    assert run_cli("train", "--model", root / "coca_digits.json", "--data", root / "train.csv", "--output",
+                   root / "run", "--val-data", root / "test.csv", "--val-num-samples", "100", *DIGITS_TRAIN) == 0
+    return TrainedDigits(root, truth, root / "run", time.perf_counter() - start)
 
 
 # -- commands stopped at a precise point, for signal tests that do not depend on timing -----------

@@ -229,4 +229,5 @@ def entry() -> None:
 
 
 # Each command lives in its own module and registers itself on `app`.
-from . import caption, classify, coco, convert, eval_captions, evaluate, models, retrieve, train  # noqa: E402,F401
+from . import (caption, classify, coco, convert, eval_captions, evaluate, models, retrieve, score,  # noqa: E402,F401
+               train)

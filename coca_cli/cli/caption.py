@@ -9,6 +9,7 @@ import typer
 
 from ..errors import CocaError
 from . import app, command_line, err_console, pick_device, progress
+from .classify import model_tokenizer
 from .options import (BatchSizeOption, CaptionPretrainedOption, DeviceOption, GenerationTypeOption, MinSeqLenOption,
                       ModelOption, NumBeamGroupsOption, NumBeamsOption, PrecisionOption, RepetitionPenaltyOption,
                       SeedOption, SeqLenOption, TemperatureOption, TopKOption, TopPOption, WorkersOption,
@@ -46,6 +47,11 @@ def caption_command(
     seed: SeedOption = None,
     compile: bool = typer.Option(False, "--compile", help="Run the decoding step under torch.compile (CUDA graphs "
                                  "on a GPU): same captions, faster on long runs once compiled."),
+    score: bool = typer.Option(False, "--score", help="Add each caption's image-text score (the cosine similarity "
+                               "`coca score` computes) to its result."),
+    candidates: int = typer.Option(1, "--candidates", min=1, help="Generate N candidates per image (the default "
+                                   "caption and N-1 samples; --seed makes them repeatable) and keep the "
+                                   "highest-scoring one; reports its score and the default caption's."),
 ):
     """Caption images, writing each result as soon as it is ready.
 
@@ -56,6 +62,7 @@ def caption_command(
     Examples:
       coca caption photos/*.jpg
       coca caption photos/ --output captions.jsonl --resume
+      coca caption photos/ --candidates 8 --seed 0 --json
       coca caption --data shards/ --output captions/ --gpus 8
     """
     if data is not None and inputs:
@@ -76,6 +83,7 @@ def caption_command(
         pretrained = DEFAULT_CAPTION_PRETRAINED
         model = model or DEFAULT_CAPTION_MODEL
     load = dict(model_name=model, pretrained=pretrained, precision=precision, compile=compile)
+    scoring = dict(score=score or candidates > 1, candidates=candidates)
     if data is not None:
         if output is None:
             raise CocaError("--data needs --output DIR: one .jsonl file per shard is written there")
@@ -86,12 +94,14 @@ def caption_command(
         nproc = gpus or default_processes()
         if nproc > 1 and not launched():
             return relaunch(command_line(ctx, drop=("gpus",)), nproc)
-        return _caption_shards(data, output, device, batch_size, seed, load, generation)
-    return _caption_files(paths, output, as_json, resume, device, batch_size, workers, seed, load, generation)
+        return _caption_shards(data, output, device, batch_size, seed, load, generation, scoring)
+    return _caption_files(paths, output, as_json, resume, device, batch_size, workers, seed, load, generation,
+                          scoring)
 
 
-def _load(device: str, seed: Optional[int], load: dict, generation: dict):
-    """(model, transform, seeded generator or None, the generation settings fitted to the model)."""
+def _load(device: str, seed: Optional[int], load: dict, generation: dict, scoring: dict):
+    """(model, transform, caption_batch's options: the seeded generator or None, the generation
+    settings fitted to the model and, to score the captions, the model's tokenizer and candidates)."""
     import torch
 
     from ..weights.factory import create_model_and_transforms
@@ -107,13 +117,17 @@ def _load(device: str, seed: Optional[int], load: dict, generation: dict):
             raise CocaError(f"--{e}") from None
     net, _, transform = create_model_and_transforms(device=device, **load)
     generator = torch.Generator(device=next(net.parameters()).device).manual_seed(seed) if seed is not None else None
-    return net, transform, generator, {**fit_to_model(net, generation, spell=generation_option), "compile": compile}
+    options = {**fit_to_model(net, generation, spell=generation_option), "compile": compile, "generator": generator}
+    if scoring["score"]:
+        options.update(tokenizer=model_tokenizer(net, load["model_name"], load["pretrained"]),
+                       candidates=scoring["candidates"])
+    return net, transform, options
 
 
-def _caption_files(paths, output, as_json, resume, device, batch_size, workers, seed, load, generation):
-    from ..tasks.captioning import CaptionWriter, caption_images
+def _caption_files(paths, output, as_json, resume, device, batch_size, workers, seed, load, generation, scoring):
+    from ..tasks.captioning import CaptionWriter, caption_columns, caption_images
 
-    writer = CaptionWriter(output, as_json=as_json, resume=resume)
+    writer = CaptionWriter(output, as_json=as_json, resume=resume, columns=caption_columns(**scoring))
     if writer.earlier.cut_line:
         err_console.print(f"warning: line {writer.earlier.cut_line} of {output} was left unfinished by an interrupted "
                           "run: it is dropped and its image captioned again")
@@ -122,11 +136,10 @@ def _caption_files(paths, output, as_json, resume, device, batch_size, workers, 
         writer.close()
         err_console.print(f"all {len(paths)} images are already captioned in {output}")
         return
-    net, transform, generator, generation = _load(pick_device(device), seed, load, generation)
+    net, transform, options = _load(pick_device(device), seed, load, generation, scoring)
     failed = 0
     with writer, progress(len(todo), "captioning") as advance:
-        for path, caption, reason in caption_images(net, transform, todo, batch_size, workers, generator=generator,
-                                                    **generation):
+        for path, caption, reason in caption_images(net, transform, todo, batch_size, workers, **options):
             if caption is None:
                 failed += 1
                 err_console.print(f"skipped {path}: {reason}")
@@ -137,7 +150,7 @@ def _caption_files(paths, output, as_json, resume, device, batch_size, workers, 
         raise CocaError(f"{failed} of {len(todo)} images could not be captioned", exit_code=1)
 
 
-def _caption_shards(data, output, device, batch_size, seed, load, generation):
+def _caption_shards(data, output, device, batch_size, seed, load, generation, scoring):
     """This process's share of the shards; under torchrun each rank takes every N-th shard."""
     import os
 
@@ -152,17 +165,16 @@ def _caption_shards(data, output, device, batch_size, seed, load, generation):
         err_console.print(f"all {len(shards)} shards are already captioned in {output}")
         return
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    net, transform, generator, generation = _load(resolve_device(device, local_rank, world_size > 1), seed, load,
-                                                  generation)
+    net, transform, options = _load(resolve_device(device, local_rank, world_size > 1), seed, load, generation,
+                                    scoring)
     broken = 0
     for shard in todo:
         try:
-            report = caption_shard(net, transform, shard, output, batch_size, generator=generator, **generation)
+            report = caption_shard(net, transform, shard, output, batch_size, **options)
         except BrokenShard as err:
             broken += 1
             err_console.print(f"{err}: no captions written for it")
             continue
-        skipped = ", ".join(f"{n} {why}" for why, n in report.skipped.items())
-        err_console.print(f"{Path(shard).name}: {report.captioned} captioned" + (f", skipped {skipped}" if skipped else ""))
+        err_console.print(report.line("captioned"))
     if broken:
         raise CocaError(f"{broken} of {len(todo)} shards could not be read whole; run again to retry them", exit_code=1)

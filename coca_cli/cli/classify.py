@@ -31,13 +31,19 @@ def with_defaults(model: Optional[str], pretrained: Optional[str]) -> tuple[Opti
 
 def load_contrastive(model: Optional[str], pretrained: Optional[str], device: str, precision: str):
     """(model, eval transform, tokenizer), on the chosen device and precision."""
-    from ..weights.factory import create_model_and_transforms, get_tokenizer
+    from ..weights.factory import create_model_and_transforms
 
     model, pretrained = with_defaults(model, pretrained)
     net, _, transform = create_model_and_transforms(model, pretrained, precision=precision, device=pick_device(device))
-    # The context length comes from the loaded model: get_tokenizer cannot read it for a bare hf-hub: name.
-    context_length = net.config.text_cfg.context_length
-    return net, transform, get_tokenizer(model, context_length=context_length, pretrained=pretrained)
+    return net, transform, model_tokenizer(net, model, pretrained)
+
+
+def model_tokenizer(net, model: Optional[str], pretrained: Optional[str]):
+    """The tokenizer of a loaded model, with its context length: get_tokenizer cannot read that
+    for a bare hf-hub: name."""
+    from ..weights.factory import get_tokenizer
+
+    return get_tokenizer(model, context_length=net.config.text_cfg.context_length, pretrained=pretrained)
 
 
 def embed_batches(net, transform, paths: Sequence[Path], batch_size: int, workers: int) -> Iterator:

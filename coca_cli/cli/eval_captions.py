@@ -14,10 +14,10 @@ from ..data.inputs import require_path
 from ..errors import CocaError
 from . import err_console, pick_device, progress, stdout_format
 from .evaluate import check_json_output, eval_app, print_record, write_json
-from .options import (BatchSizeOption, CaptionPretrainedOption, DeviceOption, FormatOption, GenerationTypeOption,
-                      MinSeqLenOption, ModelOption, NumBeamGroupsOption, NumBeamsOption, PrecisionOption,
-                      RepetitionPenaltyOption, SeedOption, SeparatorOption, SeqLenOption, TemperatureOption, TopKOption,
-                      TopPOption, WorkersOption, generation_option)
+from .options import (BatchSizeOption, CaptionKeyOption, CaptionPretrainedOption, DeviceOption, FormatOption,
+                      GenerationTypeOption, ImgKeyOption, MinSeqLenOption, ModelOption, NumBeamGroupsOption,
+                      NumBeamsOption, PrecisionOption, RepetitionPenaltyOption, SeedOption, SeparatorOption,
+                      SeqLenOption, TemperatureOption, TopKOption, TopPOption, WorkersOption, generation_option)
 
 
 def captions_command(
@@ -29,8 +29,8 @@ def captions_command(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Also write the results, with every "
                                           "image's caption, references and scores, to FILE as JSON."),
     output_format: FormatOption = None,
-    img_key: str = typer.Option("filepath", "--img-key", help="Column holding the image paths."),
-    caption_key: str = typer.Option("title", "--caption-key", help="Column holding the captions."),
+    img_key: ImgKeyOption = "filepath",
+    caption_key: CaptionKeyOption = "title",
     separator: SeparatorOption = None,
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Only the first N images of --data."),
     java_metrics: bool = typer.Option(True, "--java-metrics/--no-java-metrics", help="METEOR and SPICE run "
@@ -141,7 +141,7 @@ def _generate(references, model, pretrained, device, precision, batch_size, work
                 failed += 1
                 err_console.print(f"skipped {path}: {reason}")
             else:
-                captions[path] = caption
+                captions[path] = caption.caption
             advance()
     if not captions:
         raise CocaError(f"none of the {len(references.images)} images could be captioned", exit_code=1)

@@ -14,8 +14,8 @@ from rich.text import Text
 from ..data.inputs import require_path
 from . import app, err_console, stdout_format
 from .classify import embed_batches, fail_if_skipped, load_contrastive, require_features, with_defaults
-from .options import (BatchSizeOption, ContrastivePretrainedOption, DeviceOption, FormatOption, ModelOption,
-                      PrecisionOption, SeparatorOption, TemplatesOption, WorkersOption)
+from .options import (BatchSizeOption, CaptionKeyOption, ContrastivePretrainedOption, DeviceOption, FormatOption,
+                      ImgKeyOption, ModelOption, PrecisionOption, SeparatorOption, TemplatesOption, WorkersOption)
 
 eval_app = typer.Typer(
     no_args_is_help=True,
@@ -76,8 +76,8 @@ def zeroshot_command(
 def retrieval_command(
     data: Path = typer.Option(..., "--data", "-d", help="CSV/TSV of image paths (relative to its folder) and "
                               "captions; an image may have several rows."),
-    img_key: str = typer.Option("filepath", "--img-key", help="Column holding the image paths."),
-    caption_key: str = typer.Option("title", "--caption-key", help="Column holding the captions."),
+    img_key: ImgKeyOption = "filepath",
+    caption_key: CaptionKeyOption = "title",
     separator: SeparatorOption = None,
     output: Optional[Path] = OutputOption,
     output_format: FormatOption = None,

@@ -20,6 +20,8 @@ DeviceOption = Annotated[str, typer.Option(help="auto (cuda, then mps, then cpu)
 PrecisionOption = Annotated[str, typer.Option(help="fp32, bf16 or fp16.")]
 BatchSizeOption = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per batch.")]
 WorkersOption = Annotated[int, typer.Option(min=0, help="Background processes decoding images.")]
+ImgKeyOption = Annotated[str, typer.Option("--img-key", help="Column holding the image paths.")]
+CaptionKeyOption = Annotated[str, typer.Option("--caption-key", help="Column holding the captions.")]
 SeparatorOption = Annotated[Optional[str], typer.Option(
     "--separator", help="Column separator, one character (\\t for tab) [default: ',' for .csv, tab otherwise].")]
 

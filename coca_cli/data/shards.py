@@ -8,6 +8,7 @@ from local paths, ``http(s)://`` URLs or ``pipe:COMMAND`` (e.g. ``pipe:aws s3 cp
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import random
 import re
@@ -16,13 +17,15 @@ import tarfile
 import urllib.request
 from collections import Counter
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 from ..errors import CocaError
-from .samples import SkipSample
+from ..files import atomic_write
+from .samples import SkipSample, decode_image, failing_on
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 CAPTION_KEYS = ("txt", "json")
+SIZES_FILE = "sizes.json"  # samples per shard, beside the shards
 JSON_CAPTION_FIELDS = ("caption", "text", "txt", "captions")  # "captions": a list, the first is used
 
 
@@ -79,7 +82,7 @@ def shard_sizes(shards: Sequence[str]) -> Optional[int]:
             return None
         folder = Path(shard).parent
         if folder not in cache:
-            sizes = folder / "sizes.json"
+            sizes = folder / SIZES_FILE
             try:
                 cache[folder] = json.loads(sizes.read_text()) if sizes.is_file() else None
             except (OSError, ValueError):
@@ -169,6 +172,19 @@ def tar_samples(url: str, problems: Optional[Counter] = None) -> Iterator[dict]:
     samples), it is counted there instead and the shard just ends.
     """
     current: dict = {}
+    for key, ext, _, data in tar_members(url, problems):
+        if current and current["__key__"] != key:
+            yield current
+            current = {}
+        current["__key__"], current["__url__"] = key, url
+        current[ext.lower()] = data
+    if current:
+        yield current
+
+
+def tar_members(url: str, problems: Optional[Counter] = None) -> Iterator[tuple[str, str, tarfile.TarInfo, bytes]]:
+    """(sample key, extension, member header, contents) of each file of a shard that belongs to a
+    sample, in archive order; damage is raised or counted as in :func:`tar_samples`."""
     try:
         with open_stream(url) as stream, tarfile.open(fileobj=stream, mode="r|*", tarinfo=_EndCheckedTarInfo) as tar:
             for member in tar:
@@ -178,18 +194,52 @@ def tar_samples(url: str, problems: Optional[Counter] = None) -> Iterator[dict]:
                 if "." not in base:
                     continue
                 stem, ext = base.split(".", 1)
-                key = f"{folder}/{stem}" if folder else stem
-                if current and current["__key__"] != key:
-                    yield current
-                    current = {}
-                current["__key__"], current["__url__"] = key, url
-                current[ext.lower()] = tar.extractfile(member).read()
+                yield f"{folder}/{stem}" if folder else stem, ext, member, tar.extractfile(member).read()
     except (OSError, tarfile.TarError, EOFError) as err:
         if problems is None:
             raise BrokenShard(url, err) from None
         problems[f"unreadable shard ({type(err).__name__})"] += 1
-    if current:
-        yield current
+
+
+def transformed_samples(url: str, transform: Callable, skipped: Counter,
+                        captions: bool = False) -> Iterator[tuple[str, Any, Optional[str]]]:
+    """(key, transformed image, caption or None) for each usable sample of a shard, in order; the
+    others are counted in ``skipped`` by reason. ``captions``: a sample needs one to be usable."""
+    for sample in tar_samples(url):
+        try:
+            caption = caption_of(sample) if captions else None
+            data = image_of(sample)
+            with failing_on(f"sample {sample['__key__']} of {url}"):
+                image = transform(decode_image(data))
+        except SkipSample as reason:
+            skipped[str(reason)] += 1
+            continue
+        yield sample["__key__"], image, caption
+
+
+# -- writing -------------------------------------------------------------------------------------
+
+def copy_samples(url: str, target: Path, keep: Callable[[str], bool]) -> int:
+    """Write the samples of shard ``url`` whose key ``keep`` accepts to the shard ``target``, each
+    member with its header and contents as they were (webdataset's layout, read by open_clip and
+    img2dataset alike); returns how many samples were written. The file appears whole or not at all."""
+    kept: set[str] = set()
+
+    def write(tmp):
+        with tarfile.open(tmp, "w") as out:
+            for key, _, member, data in tar_members(url):
+                if keep(key):
+                    kept.add(key)
+                    out.addfile(member, io.BytesIO(data))
+
+    atomic_write(target, write)
+    return len(kept)
+
+
+def write_sizes(folder: Path, sizes: dict[str, int]) -> None:
+    """``sizes.json``: samples per shard name, as open_clip reads it (see :func:`shard_sizes`)."""
+    text = json.dumps(sizes, indent=2) + "\n"
+    atomic_write(Path(folder) / SIZES_FILE, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def shuffled(items: Iterator, size: int, rng: random.Random) -> Iterator:

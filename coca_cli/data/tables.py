@@ -33,9 +33,28 @@ def column_separator(path: Path, separator: Optional[str] = None) -> str:
 
 def read_rows(path: Path, columns: Sequence[str], separator: Optional[str] = None,
               choose: str = "") -> list[tuple[int, tuple[str, ...]]]:
-    """(line number, the values of ``columns``) for each row of a CSV/TSV with a header, blank lines
-    skipped. A missing column (``choose`` names the options that pick others), a row with more or
-    fewer fields than the header, or broken quoting is a CocaError naming the file and line."""
+    """(line number, the values of ``columns``) for each row of a CSV/TSV with a header (see
+    :func:`read_whole_rows`). A missing column is a CocaError naming the file; ``choose`` names the
+    options that pick others."""
+    path = Path(path).expanduser()
+    header, rows = read_whole_rows(path, separator)
+    where = column_indexes(path, header, columns, choose)
+    return [(line, tuple(row[i] for i in where)) for line, row in rows]
+
+
+def column_indexes(path: Path, header: Sequence[str], columns: Sequence[str], choose: str = "") -> list[int]:
+    """Where ``columns`` are in a table's ``header``; a missing one is a CocaError naming the file
+    (``choose`` names the options that pick other columns)."""
+    missing = [name for name in columns if name not in header]
+    if missing:
+        raise CocaError(f"{path} has no column {', '.join(repr(m) for m in missing)} (columns: "
+                        f"{', '.join(header) or 'none'})" + (f"; choose them with {choose}" if choose else ""))
+    return [list(header).index(name) for name in columns]
+
+
+def read_whole_rows(path: Path, separator: Optional[str] = None) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """(header, [(line number, every field)]) of a CSV/TSV, blank lines skipped. A row with more or
+    fewer fields than the header, or broken quoting, is a CocaError naming the file and line."""
     path = Path(path).expanduser()
     sep = column_separator(path, separator)
     if len(sep) != 1:
@@ -46,23 +65,24 @@ def read_rows(path: Path, columns: Sequence[str], separator: Optional[str] = Non
         line = 1  # where the next row starts (a quoted field may span lines)
         try:
             header = next(reader, [])
-            missing = [name for name in columns if name not in header]
-            if missing:
-                raise CocaError(f"{path} has no column {', '.join(repr(m) for m in missing)} (columns: "
-                                f"{', '.join(header) or 'none'})" + (f"; choose them with {choose}" if choose else ""))
-            where = [header.index(name) for name in columns]
             line = reader.line_num + 1
             for row in reader:
                 if row and len(row) != len(header):
                     raise CocaError(f"{path}, line {line}: {len(row)} field{'s' * (len(row) != 1)} where the "
                                     f"header has {len(header)} (a field holding {sep!r} must be quoted)")
                 if row:
-                    rows.append((line, tuple(row[i] for i in where)))
+                    rows.append((line, row))
                 line = reader.line_num + 1
         except csv.Error as err:
             raise CocaError(f"{path}, line {line}: not a well-formed table row ({err}); quote a whole field, "
                             "doubling any quote inside it") from None
-    return rows
+    return header, rows
+
+
+def image_path(name: str, table: Path) -> str:
+    """An image path as a training table gives it: relative to the working directory, else to the table."""
+    p = Path(name).expanduser()
+    return str(p if p.is_absolute() or p.exists() else Path(table).parent / p)
 
 
 def read_table(path: str, img_key: str, caption_key: str, separator: Optional[str]) -> tuple[list[str], list]:
@@ -73,12 +93,7 @@ def read_table(path: str, img_key: str, caption_key: str, separator: Optional[st
     rows = read_rows(file, (img_key, caption_key), separator, choose="--csv-img-key/--csv-caption-key")
     if not rows:
         raise CocaError(f"{file} has no rows")
-    base = file.parent
-    paths = []
-    for _, (name, _) in rows:
-        p = Path(name).expanduser()
-        paths.append(str(p if p.is_absolute() or p.exists() else base / p))  # relative to cwd, else to the table
-    return paths, [caption for _, (_, caption) in rows]
+    return [image_path(name, file) for _, (name, _) in rows], [caption for _, (_, caption) in rows]
 
 
 @dataclass

@@ -45,15 +45,21 @@ def iter_image_features(model, transform: Callable, paths: Sequence[Path], batch
     ``failures`` instead of stopping the run. This is the one place images are embedded, for
     classification, retrieval and evaluation alike.
     """
-    param = next(model.parameters())
     for batch in iter_batches(list(paths), transform, batch_size, workers):
-        features = None
-        if batch.images is not None:
-            images = batch.images.to(device=param.device, dtype=param.dtype, non_blocking=True)
-            # Normalised in float32: in bf16 the unit norm would otherwise be off by up to ~0.4%.
-            features = F.normalize(model.encode_image(images, normalize=False).float(), dim=-1).cpu()
-            require_finite(model, features, "image", batch.paths)
+        features = None if batch.images is None else image_features(model, batch.images, batch.paths)
         yield ImageFeatures(batch.paths, features, batch.failures)
+
+
+@torch.no_grad()
+def image_features(model, images: torch.Tensor, names: Sequence) -> torch.Tensor:
+    """[len(images), embed_dim] normalised embeddings of a batch of transformed images, one per
+    entry of ``names`` (which a non-finite error quotes)."""
+    param = next(model.parameters())
+    images = images.to(device=param.device, dtype=param.dtype, non_blocking=True)
+    # Normalised in float32: in bf16 the unit norm would otherwise be off by up to ~0.4%.
+    features = F.normalize(model.encode_image(images, normalize=False).float(), dim=-1).cpu()
+    require_finite(model, features, "image", names)
+    return features
 
 
 def embed_images(model, transform: Callable, paths: Sequence[Path], batch_size: int = 32,
@@ -72,6 +78,25 @@ def embed_texts(model, tokenizer: Callable, texts: Sequence[str], batch_size: in
         chunks.append(F.normalize(model.encode_text(tokens, normalize=False).float(), dim=-1).cpu())
         require_finite(model, chunks[-1], "text", [repr(t) for t in texts[start:start + batch_size]])
     return torch.cat(chunks)
+
+
+def similarity(image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+    """The image-text score of normalised embeddings, pair by pair (broadcast): their cosine
+    similarity, a number in [-1, 1], not scaled. That is DataComp's "CLIP score"; CLIPScore's
+    ``2.5 * max(cos, 0)`` is a fixed rescaling of it that changes no ranking. ``coca score``,
+    ``coca caption --score`` and ``--candidates`` all score through :func:`score_texts`."""
+    return (image_features * text_features).sum(dim=-1)
+
+
+@torch.no_grad()
+def score_texts(model, tokenizer: Callable, images: torch.Tensor, texts: Sequence[Sequence[str]],
+                names: Sequence) -> torch.Tensor:
+    """[images, k] scores of each transformed image with each of its ``k`` texts (``texts[i]`` are
+    image i's); ``names`` name the images in errors."""
+    features = image_features(model, images, names)
+    k = len(texts[0])
+    text_features = embed_texts(model, tokenizer, [text for per_image in texts for text in per_image])
+    return similarity(features[:, None, :], text_features.view(len(texts), k, -1))
 
 
 def require_finite(model, values: torch.Tensor, kind: str, names: Sequence) -> None:

@@ -25,7 +25,11 @@ FILE_FORMATS = {".jsonl": "jsonl", ".csv": "csv", ".tsv": "tsv"}
 
 # Every column of the tables coca writes (caption, classify, retrieve): a .csv/.tsv whose header
 # names only these is taken for one coca wrote.
-RESULT_COLUMNS = frozenset({"image", "caption", "rank", "label", "probability", "query", "text", "score"})
+RESULT_COLUMNS = frozenset({"image", "caption", "rank", "label", "probability", "query", "text", "score",
+                            "default_caption", "default_score"})
+# The fields of a `caption` .txt line: path and caption, then with --score its score, with
+# --candidates also the default caption and its score.
+CAPTION_LINE_FIELDS = (2, 3, 5)
 # The fields of an `eval --output` JSON file.
 EVAL_RESULT_KEYS = frozenset({"dataset", "task", "metrics"})
 
@@ -147,7 +151,8 @@ def check_replaceable(path: Optional[Path], fmt: str) -> None:
     """Refuse (exit 2, before any model loads) an ``--output`` that exists and is not a results file
     of the kind coca writes there, so a photo, a weights file or a data table named by mistake is
     never replaced. Ours: an empty file; .jsonl whose first line is a JSON object; .csv/.tsv whose
-    header names only coca's result columns; .txt whose first line is ``path<TAB>caption``; an
+    header names only coca's result columns; .txt whose first line is ``path<TAB>caption`` (and
+    the fields --score and --candidates add); an
     eval .json holding a JSON object with ``dataset``, ``task`` and ``metrics``.
     """
     if path is None or not path.exists():
@@ -180,7 +185,7 @@ def _is_ours(path: Path, fmt: str) -> bool:
     if fmt in ("csv", "tsv"):
         header = next(csv.reader([line], delimiter="," if fmt == "csv" else "\t"), [])
         return bool(header) and set(header) <= RESULT_COLUMNS
-    return line.count("\t") == 1  # txt: path<TAB>caption, both escaped
+    return line.count("\t") + 1 in CAPTION_LINE_FIELDS  # txt: path<TAB>caption..., each escaped
 
 
 def write_json_file(path: Path, result: dict) -> None:
