@@ -218,7 +218,7 @@ def test_files_that_are_not_coca_s_are_never_replaced(native, pairs, photo_dir, 
 
 
 @pytest.mark.parametrize("data, message", [("missing.csv", "no such file: missing.csv"),
-                                           ("missing/", "not found: missing/")])
+                                           ("missing/", "no such file or folder of shards: missing/")])
 def test_missing_data_is_one_line(native, tmp_path, capsys, monkeypatch, data, message):
     monkeypatch.chdir(tmp_path)
     assert run_cli("score", data, "--output", tmp_path / "out.csv", "--pretrained", native) == 2

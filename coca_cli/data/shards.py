@@ -68,7 +68,7 @@ def resolve_shards(spec: str) -> list[str]:
             elif path.is_file():
                 shards.append(str(path))
             else:
-                raise CocaError(f"training data not found: {name}")
+                raise CocaError(f"no such file or folder of shards: {name}")
     if not shards:
         raise CocaError(f"no shards in '{spec}'")
     return shards
