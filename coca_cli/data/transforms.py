@@ -322,35 +322,28 @@ class ReducedRandomResizedCrop(RandomResizedCrop):
     A decoded image takes torchvision's path, bit for bit as open_clip."""
 
     def forward(self, img):
-        if not self._reducible(img):
-            if isinstance(img, Image.Image):
-                decode_pixels(img)
-            return super().forward(img)
-        crop = self._reduced_crop(img)
-        if isinstance(crop, Image.Image):
-            return crop
-        return Image.fromarray(crop.permute(1, 2, 0).squeeze(2).contiguous().numpy())
+        crop = self._crop(img)
+        if isinstance(img, Image.Image) and isinstance(crop, torch.Tensor):  # resized as a tensor
+            return Image.fromarray(crop.permute(1, 2, 0).squeeze(2).contiguous().numpy())
+        return crop
 
     def pixels(self, img) -> torch.Tensor:
         """The crop as a uint8 (3, H, W) RGB tensor: exactly ``ToTensor(ToRGB(forward(img))) * 255``,
         without building the PIL image in between where the crop was resized as a tensor."""
-        if self._reducible(img):
-            crop = self._reduced_crop(img)
-        else:
-            if isinstance(img, Image.Image):
-                decode_pixels(img)
-            crop = super().forward(img)
+        crop = self._crop(img)
         if isinstance(crop, Image.Image):
             crop = pil_pixels(crop.convert("RGB"))
         return crop if crop.shape[0] == 3 else crop.expand(3, -1, -1)  # grayscale: as convert("RGB")
 
-    def _reducible(self, img) -> bool:
-        return (isinstance(img, Image.Image) and undecoded_jpeg(img)
-                and self.interpolation in (InterpolationMode.BICUBIC, InterpolationMode.BILINEAR))
-
-    def _reduced_crop(self, img: Image.Image) -> Union[Image.Image, torch.Tensor]:
-        """The crop of an undecoded JPEG: decoded at a DCT reduction and resized by Pillow (an
-        image), or decoded whole and resized by ``crop_resize`` (a uint8 (C, H, W) tensor)."""
+    def _crop(self, img) -> Union[Image.Image, torch.Tensor]:
+        """The crop: of an undecoded JPEG, decoded at a DCT reduction and resized by Pillow (an
+        image) or decoded whole and resized by ``crop_resize`` (a uint8 (C, H, W) tensor); of
+        anything else, torchvision's."""
+        if not (isinstance(img, Image.Image) and undecoded_jpeg(img)) or self.interpolation not in (
+                InterpolationMode.BICUBIC, InterpolationMode.BILINEAR):
+            if isinstance(img, Image.Image):
+                decode_pixels(img)
+            return super().forward(img)
         top, left, height, width = self.get_params(img, self.scale, self.ratio)  # in the full image
         scale = dct_scale(height, width, self.size)
         if scale > 1:  # draft's box: the full image in the reduced one's coordinates
@@ -381,7 +374,6 @@ class PixelCrops:
     transform's, bit for bit."""
 
     def __init__(self, transform: Compose):
-        self.transform = transform
         self.crop, self.normalize = transform.transforms[0], transform.transforms[-1]
 
     def __call__(self, img) -> torch.Tensor:
@@ -401,20 +393,27 @@ class PixelBatch:
         return PixelBatch(self.pixels.pin_memory(), self.normalize)
 
     def to(self, device, dtype: Optional[torch.dtype] = None, non_blocking: bool = False) -> torch.Tensor:
-        images = self.pixels.to(device, non_blocking=non_blocking).float().div_(255)  # ToTensor's arithmetic
-        mean, std = (torch.as_tensor(v, dtype=images.dtype, device=images.device).view(-1, 1, 1)
-                     for v in (self.normalize.mean, self.normalize.std))
-        images = images.sub_(mean).div_(std)  # Normalize's, in place: no pass to copy the batch first
+        images = normalized(self.pixels.to(device, non_blocking=non_blocking), self.normalize)
         return images if dtype is None else images.to(dtype)
+
+
+def normalized(pixels: torch.Tensor, normalize: Normalize) -> torch.Tensor:
+    """uint8 pixels (one image or a batch) as ToTensor then ``normalize`` make them, the same
+    arithmetic, done in place on the float copy: no pass to copy it first."""
+    return TF.normalize(pixels.float().div_(255), normalize.mean, normalize.std, inplace=True)
+
+
+def plain_crop_pipeline(transform) -> bool:
+    """A training transform built here that decodes JPEGs lazily and has nothing between the crop
+    and the normalisation (colour jitter and grayscale need the PIL image)."""
+    return (isinstance(transform, Compose) and decodes_lazily(transform)
+            and [type(t) for t in transform.transforms[1:]] == [ToRGB, ToTensorIfNeeded, Normalize])
 
 
 def fast_training_transform(transform):
     """What a training loader runs per sample for ``transform``: ``PixelCrops`` for the plain
-    pipeline built here (colour jitter and grayscale need the PIL image), else ``transform``."""
-    plain = [ReducedRandomResizedCrop, ToRGB, ToTensorIfNeeded, Normalize]
-    if REDUCED_DECODE and isinstance(transform, Compose) and [type(t) for t in transform.transforms] == plain:
-        return PixelCrops(transform)
-    return transform
+    pipeline, else ``transform``."""
+    return PixelCrops(transform) if plain_crop_pipeline(transform) else transform
 
 
 def decodes_lazily(transform) -> bool:
@@ -487,7 +486,7 @@ class DeferredDecode:
                 if image is None:
                     image = torch.zeros((3, *self.crop.size), dtype=torch.uint8, device=device)
                 image = crop_resize(image, *item.box, self.crop.size, self.crop.interpolation)
-                item = self.normalize(image.float().div(255))  # ToTensor's then Normalize's arithmetic
+                item = normalized(image, self.normalize)
             out.append(item.to(device))
         return torch.stack(out)
 
@@ -547,8 +546,7 @@ def gpu_decoding(transform, device: torch.device) -> Tuple[Any, Optional[str]]:
     unchanged and why not."""
     if device.type != "cuda":
         return transform, f"--gpu-decode needs a CUDA device (training on {device.type}): decoding on the CPU"
-    if not (decodes_lazily(transform) and [type(t) for t in transform.transforms[1:]]
-            == [ToRGB, ToTensorIfNeeded, Normalize]):
+    if not plain_crop_pipeline(transform):
         return transform, "--gpu-decode supports crop and normalisation only: decoding on the CPU"
     return DeferredDecode(transform), None
 

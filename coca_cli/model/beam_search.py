@@ -85,13 +85,12 @@ def beam_search(stepper, n_images: int, device, *, sot: int, eos_ids: list[int],
         cur_len = input_ids.shape[1]
         if first:
             logits = stepper.logits(input_ids[::N]).repeat_interleave(N, dim=0)
-        else:
-            logits_active = stepper.logits(input_ids if len(active_images) == B else input_ids[active_rows])
-            if len(active_images) == B:
-                logits = logits_active
-            else:  # finished images are not computed; their rows are never used
-                logits = logits_active.new_zeros(B * N, logits_active.shape[1])
-                logits[active_rows] = logits_active
+        elif len(active_images) == B:
+            logits = stepper.logits(input_ids)
+        else:  # finished images are not computed; their rows are never used
+            logits_active = stepper.logits(input_ids[active_rows])
+            logits = logits_active.new_zeros(B * N, logits_active.shape[1])
+            logits[active_rows] = logits_active
         V = logits.shape[1]
 
         scores = suppress_eos_before_min_length(logits, cur_len, min_seq_len, eos_t)

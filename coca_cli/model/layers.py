@@ -225,9 +225,9 @@ class Attention(nn.Module):
             k, v = F.linear(context, self.k_proj_weight, b_k), F.linear(context, self.v_proj_weight, b_v)
         return self._split_heads(k), self._split_heads(v)
 
-    def project_q(self, x: torch.Tensor, projection: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
-        """Queries [B, heads, T, head_dim]; ``projection`` is ``query_projection()``, if made already."""
-        return self._split_heads(linear(x, *(projection or self.query_projection())))
+    def project_q(self, x: torch.Tensor) -> torch.Tensor:
+        """Queries [B, heads, T, head_dim]."""
+        return self._split_heads(linear(x, *self.query_projection()))
 
     def attend(self, q, k, v, mask: Optional[torch.Tensor] = None, shape: Optional[tuple] = None) -> torch.Tensor:
         """q [B, h, Tq, d], k/v [B, h, Tk, d], boolean mask (True = attend) -> [B, Tq, C] (or
