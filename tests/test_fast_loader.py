@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 from torchvision.transforms import RandomResizedCrop
+from torchvision.transforms import functional as TF
 
 from coca_cli.data import transforms as T
 from coca_cli.data.samples import SkipSample, decode_image, seeded
@@ -34,18 +35,13 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def boxes_drawn(monkeypatch) -> list:
     """Every region resized, as (top, left, height, width) in the decoded (maybe reduced) image."""
-    seen, real, resize = [], T.crop_resize, Image.Image.resize
+    seen, crop = [], Image.Image.crop
 
-    def spy(image, top, left, height, width, size, interpolation):
-        seen.append((top, left, height, width))
-        return real(image, top, left, height, width, size, interpolation)
-
-    def spy_resize(image, size, resample=None, box=None, **kw):
+    def spy_crop(image, box=None):  # cropped by Pillow, then resized as a tensor
         seen.append((box[1], box[0], box[3] - box[1], box[2] - box[0]))
-        return resize(image, size, resample, box, **kw)
+        return crop(image, box)
 
-    monkeypatch.setattr(T, "crop_resize", spy)
-    monkeypatch.setattr(Image.Image, "resize", spy_resize)
+    monkeypatch.setattr(Image.Image, "crop", spy_crop)
     return seen
 
 
@@ -62,8 +58,14 @@ def test_reduced_decoding_keeps_the_crop_and_is_close(size, scale, monkeypatch):
         used = T.dct_scale(box[2], box[3], (224, 224))
         assert used == (scale if min(box[2], box[3]) >= 224 * scale else used)
         assert min(box[2], box[3]) / used >= 224 or used == 1  # never decoded below the output size
-        # the same region of the photo, in the reduced image's coordinates
-        assert seen == [pytest.approx(tuple(v / used for v in box), abs=1e-9)]
+        # the same region of the photo, its corners in the reduced image's whole pixels (exact at full size)
+        corners = lambda t, l, h, w: (t, l, t + h, l + w)  # noqa: E731
+        assert len(seen) == 1
+        assert corners(*seen[0]) == pytest.approx(tuple(v / used for v in corners(*box)), abs=0.5 if used > 1 else 0)
+        if used > 1:  # compared with torchvision's crop of that whole-pixel box, at full size
+            top, left, height, width = (v * used for v in seen[0])
+            today = transform.transforms[-1](TF.to_tensor(TF.resized_crop(
+                decode_image(data), top, left, height, width, [224, 224], TF.InterpolationMode.BICUBIC)))
         assert fast.shape == today.shape == (3, 224, 224)
         assert np.abs(pixels(fast) - pixels(today)).mean() < (0.1 if used == 1 else 1.5)
         assert psnr(fast, today) > (45 if used == 1 else 35)
@@ -184,3 +186,20 @@ def test_gpu_decode_falls_back_through_the_cli(tiny, tmp_path, capsys):
     err = capsys.readouterr()
     warnings = [line for line in (err.out + err.err).splitlines() if "--gpu-decode" in line]
     assert warnings == ["warning: --gpu-decode needs a CUDA device (training on cpu): decoding on the CPU"]
+
+
+def test_crop_box_draws_are_torchvisions():
+    """ReducedRandomResizedCrop.get_params draws as torchvision's does: the same box from the same
+    seed, and the generator left in the same state, over sizes that fit at once, take several
+    attempts or fall back to the centre crop."""
+    rng = random.Random(0)
+    for _ in range(400):
+        image = Image.new("L", (rng.choice([rng.randint(1, 12), rng.randint(1, 2000)]), rng.randint(1, 2000)))
+        scale = rng.choice([(0.9, 1.0), (0.08, 1.0), (0.5, 0.6), (1.0, 1.0)])
+        ratio = rng.choice([(3 / 4, 4 / 3), (1.0, 1.0), (0.5, 2.0)])
+        seed = rng.randrange(1 << 30)
+        torch.manual_seed(seed)
+        theirs = RandomResizedCrop.get_params(image, scale, ratio), torch.rand(1)
+        torch.manual_seed(seed)
+        ours = T.ReducedRandomResizedCrop.get_params(image, scale, ratio), torch.rand(1)
+        assert ours[0] == theirs[0] and torch.equal(ours[1], theirs[1]), (image.size, scale, ratio, seed)
