@@ -109,7 +109,8 @@ def test_package_imports_only_what_the_wheel_declares(wheel):
     declared = set()
     for line in wheel_metadata(wheel).get_all("Requires-Dist"):
         requirement = Requirement(line)
-        if requirement.marker is None or requirement.marker.evaluate({"extra": "hf"}):  # hf: the optional text tower
+        optional = ("hf", "faiss")  # the optional text tower; retrieve --index-type
+        if requirement.marker is None or any(requirement.marker.evaluate({"extra": extra}) for extra in optional):
             declared.add(canonicalize_name(requirement.name))
     providers = importlib.metadata.packages_distributions()
     undeclared = set()
