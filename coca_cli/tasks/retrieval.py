@@ -281,7 +281,7 @@ def top_k(query_features: torch.Tensor, candidate_features: torch.Tensor, k: int
     for start in range(0, len(candidate_features), chunk):
         block = candidate_features[start:start + chunk]
         scores = _fast_scores(queries, block.to(device, fast_dtype))
-        margin = _error_bound(fast_dtype, block.shape[1]) * query_norm * float(block.norm(dim=1).max())
+        margin = _error_bound(fast_dtype, block.shape[1]) * query_norm
         previous, pool = best, min(k + _POOL, len(block))
         while True:
             fast = scores.topk(pool, dim=1)
@@ -306,8 +306,10 @@ def _fast_scores(queries: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
 
 
 def _error_bound(dtype: torch.dtype, dim: int) -> float:
-    """How far a fast score of unit vectors can be from the exact float32 one: float32
-    accumulation over ``dim`` products, plus, for 16-bit inputs, their rounding and that of the output."""
+    """How far a fast score can be from the exact float32 one, for a unit-length candidate (the
+    embeddings here always are; measuring every candidate's length would cost as much as scoring
+    it) and per unit of the query's length: float32 accumulation over ``dim`` products, plus, for
+    16-bit inputs, their rounding and that of the output."""
     accumulation = 2 * (dim + 2) * 2.0 ** -24
     return accumulation if dtype == torch.float32 else accumulation + 4 * torch.finfo(dtype).eps
 
