@@ -230,5 +230,5 @@ def entry() -> None:
 
 
 # Each command lives in its own module and registers itself on `app`.
-from . import (caption, classify, coco, convert, eval_captions, evaluate, models, retrieve, score,  # noqa: E402,F401
+from . import (caption, classify, coco, convert, embed, eval_captions, evaluate, models, retrieve, score,  # noqa: E402,F401
                train)
