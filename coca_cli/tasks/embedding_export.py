@@ -156,7 +156,7 @@ def embed_items(model, transform: Callable, tokenizer: Callable, items: Sequence
     (image modality) or it has no caption (text modality); ``advance(n)`` after each n rows."""
     towers = MODALITIES[modality]
     part = Part([], {})
-    kept, rows_features = [], []
+    kept, batches = [], []
 
     def usable(row: int, reason: Optional[str]) -> bool:
         if reason is None and "text" in towers and not items[row].caption:
@@ -171,12 +171,12 @@ def embed_items(model, transform: Callable, tokenizer: Callable, items: Sequence
             rows = range(start, start + len(batch.paths) + len(batch.failures))  # the next rows, in order
             start = rows.stop
             loaded, reasons = {path: i for i, path in enumerate(batch.paths)}, dict(batch.failures)
-            for row in rows:
-                if usable(row, reasons.get(items[row].image)):
-                    kept.append(row)
-                    rows_features.append(batch.features[loaded[items[row].image]])
+            usable_rows = [row for row in rows if usable(row, reasons.get(items[row].image))]
+            if usable_rows:
+                batches.append(batch.features[[loaded[items[row].image] for row in usable_rows]])
+            kept += usable_rows
             advance(len(rows))
-        part.features["image"] = _stacked(model, rows_features)
+        part.features["image"] = torch.cat(batches) if batches else _empty(model)
     else:
         kept = [row for row in range(len(items)) if usable(row, None)]
         advance(len(items))
@@ -196,10 +196,10 @@ def embed_shard(model, transform: Callable, tokenizer: Callable, url: str, modal
     """
     towers = MODALITIES[modality]
     part = Part([], {})
-    images, pending, image_rows = [], [], []
+    images, pending, batches = [], [], []
 
     def flush():
-        image_rows.append(image_features(model, torch.stack(images), pending))
+        batches.append(image_features(model, torch.stack(images), pending))
         advance(len(images))
         images.clear()
         pending.clear()
@@ -222,7 +222,7 @@ def embed_shard(model, transform: Callable, tokenizer: Callable, url: str, modal
     if images:
         flush()
     if "image" in towers:
-        part.features["image"] = torch.cat(image_rows) if image_rows else _empty(model)
+        part.features["image"] = torch.cat(batches) if batches else _empty(model)
     if "text" in towers:
         part.features["text"] = _texts(model, tokenizer, [record["caption"] for record in part.records])
     return part
@@ -246,10 +246,6 @@ def _source_url(sample: dict) -> Optional[str]:
 
 def _texts(model, tokenizer, captions: list[str]) -> torch.Tensor:
     return embed_texts(model, tokenizer, captions) if captions else _empty(model)
-
-
-def _stacked(model, rows: list[torch.Tensor]) -> torch.Tensor:
-    return torch.stack(rows) if rows else _empty(model)
 
 
 def _empty(model) -> torch.Tensor:
