@@ -50,15 +50,27 @@ def files(folder) -> dict:
 
 def read_metadata(folder) -> list[dict]:
     """Every metadata row, parts in name order, as clip-retrieval's back end concatenates them."""
-    rows = []
-    for part in sorted((folder / "metadata").iterdir()):
-        if part.suffix == ".parquet":
-            import pyarrow.parquet as pq
+    return [row for part in sorted((folder / "metadata").iterdir()) for row in read_metadata_part(part) or []]
 
-            rows += pq.read_table(part).to_pylist()
-        else:
-            rows += [json.loads(line) for line in part.read_text().splitlines()]
-    return rows
+
+def assert_aligned(folder) -> None:
+    """What embedding-reader (autofaiss's reader) relies on: the sorted .npy parts of each kind
+    and the sorted metadata parts pair up one to one, with as many rows each, none empty."""
+    metadata = [len(rows) for rows in map(read_metadata_part, sorted((folder / "metadata").glob("metadata_*.*")))
+                if rows is not None]
+    for kind in ("img_emb", "text_emb"):
+        if (folder / kind).exists():
+            assert [len(np.load(part)) for part in sorted((folder / kind).glob("*.npy"))] == metadata
+    assert metadata and all(metadata)
+
+
+def read_metadata_part(part):
+    """A metadata part's rows; None for an empty part's marker."""
+    if part.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(part).to_pylist()
+    return [json.loads(line) for line in part.read_text().splitlines()] if part.suffix == ".jsonl" else None
 
 
 def read_embeddings(folder, kind="img_emb") -> np.ndarray:
@@ -78,6 +90,7 @@ def test_a_folder_of_photos_becomes_clip_retrievals_layout(native, tiny, loaded,
     torch.testing.assert_close(torch.from_numpy(vectors).float(), expected_images(loaded, paths), rtol=0, atol=1e-3)
     torch.testing.assert_close(torch.from_numpy(vectors).float(), reference_image_features(tiny[0], paths), rtol=0,
                                atol=1e-3)  # open_clip's own
+    assert_aligned(out)
     manifest = json.loads((out / "coca-embed.json").read_text())
     assert manifest["finished"] == [0] and manifest["dtype"] == "float16" and set(manifest["model"]) == {"image"}
 
@@ -100,6 +113,7 @@ def test_a_table_in_many_parts_both_modalities(native, loaded, photo_dir, tmp_pa
     assert sorted(files(out)) == sorted(["coca-embed.json"] + [f"img_emb/img_emb_{n}.npy" for n in numbers]
                                         + [f"text_emb/text_emb_{n}.npy" for n in numbers]
                                         + [f"metadata/metadata_{n}.jsonl" for n in numbers])
+    assert_aligned(out)
     rows = read_metadata(out)
     captions = list(CAPTIONS.values()) + [f"an astronaut number {i}" for i in range(6)]
     assert [row["caption"] for row in rows] == captions
@@ -120,6 +134,7 @@ def test_shards_one_part_each_with_keys_and_urls(native, loaded, photo_dir, tmp_
     assert sorted(files(out)) == ["coca-embed.json", "img_emb/img_emb_0.npy", "img_emb/img_emb_1.npy",
                                   "metadata/metadata_0.parquet", "metadata/metadata_1.parquet",
                                   "text_emb/text_emb_0.npy", "text_emb/text_emb_1.npy"]
+    assert_aligned(out)
     rows = read_metadata(out)
     keys = [name.split(".")[0] for name in CAPTIONS]
     assert [row["key"] for row in rows] == [row["image_path"] for row in rows] == keys
@@ -173,6 +188,25 @@ def test_an_unreadable_image_is_reported_and_every_other_row_written(native, pho
     assert err[1:] == [f"embedded 5 rows into 2 parts: wrote {out}", "coca: error: 1 of 6 images could not be embedded"]
     assert [row["image_path"] for row in read_metadata(out)] == [str(p) for p in sorted(photos.iterdir()) if p != broken]
     assert [len(np.load(part)) for part in sorted((out / "img_emb").iterdir())] == [3, 2]
+    assert_aligned(out)
+
+
+def test_a_part_without_a_readable_image_leaves_only_its_marker(native, photo_dir, tmp_path, capsys):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("astronaut.jpg", "coffee.jpg"):
+        shutil.copy(photo_dir / name, photos)
+    (photos / "broken.jpg").write_bytes(b"not an image")  # alone in part 1 (sorted: astronaut, broken, coffee)
+    out = tmp_path / "embeddings"
+    assert run_cli("embed", photos, "--output", out, "--pretrained", native, "--part-size", "1") == 1
+    assert capsys.readouterr().err.splitlines()[-1] == "coca: error: 1 of 3 images could not be embedded"
+    assert sorted(files(out)) == ["coca-embed.json", "img_emb/img_emb_0.npy", "img_emb/img_emb_2.npy",
+                                  "metadata/metadata_0.parquet", "metadata/metadata_1.empty",
+                                  "metadata/metadata_2.parquet"]
+    assert_aligned(out)
+    assert json.loads((out / "coca-embed.json").read_text())["finished"] == [0, 1, 2]
+    assert run_cli("embed", photos, "--output", out, "--pretrained", native, "--part-size", "1") == 0
+    assert capsys.readouterr().err.strip() == f"all 3 parts are already embedded in {out}"
 
 
 def test_a_run_stopped_after_a_part_finishes_the_rest_as_if_never_stopped(native, photo_dir, tmp_path, capsys,

@@ -8,7 +8,8 @@ that its index step (autofaiss) and back end read them as their own:
 ``n`` is zero-padded to the digits of the part count, as clip-retrieval's writer pads it
 (``str(n).zfill(int(log10(parts)) + 1)``), so the names sort in part order. A part is finished
 when all its files are there: each is written whole (the metadata last), so a run stopped at any
-point leaves no part that looks finished, and the next run redoes only the unfinished ones.
+point leaves no part that looks finished, and the next run redoes only the unfinished ones. A
+part whose rows were all left out has no files, only ``metadata/metadata_{n}.empty``.
 ``OUT/coca-embed.json`` records the model, the inputs and the settings, so that a run with
 others is refused instead of mixing embeddings.
 """
@@ -145,7 +146,7 @@ class Part:
     out and why (files, tables), ``skipped_reasons`` counts them by reason (shards)."""
 
     records: list[dict]
-    features: dict[str, torch.Tensor]  # "image" and/or "text": [len(records), embed_dim]
+    features: dict[str, torch.Tensor]  # "image" and/or "text": [len(records), embed_dim]; none without records
     skipped: list[tuple[str, str]] = field(default_factory=list)
     skipped_reasons: Counter = field(default_factory=Counter)
 
@@ -176,12 +177,13 @@ def embed_items(model, transform: Callable, tokenizer: Callable, items: Sequence
                 batches.append(batch.features[[loaded[items[row].image] for row in usable_rows]])
             kept += usable_rows
             advance(len(rows))
-        part.features["image"] = torch.cat(batches) if batches else _empty(model)
+        if batches:
+            part.features["image"] = torch.cat(batches)
     else:
         kept = [row for row in range(len(items)) if usable(row, None)]
         advance(len(items))
-    if "text" in towers:
-        part.features["text"] = _texts(model, tokenizer, [items[row].caption for row in kept])
+    if "text" in towers and kept:
+        part.features["text"] = embed_texts(model, tokenizer, [items[row].caption for row in kept])
     part.records = [{"image_path": str(items[row].image), "caption": items[row].caption} for row in kept]
     return part
 
@@ -221,10 +223,10 @@ def embed_shard(model, transform: Callable, tokenizer: Callable, url: str, modal
             flush()
     if images:
         flush()
-    if "image" in towers:
-        part.features["image"] = torch.cat(batches) if batches else _empty(model)
-    if "text" in towers:
-        part.features["text"] = _texts(model, tokenizer, [record["caption"] for record in part.records])
+    if batches:
+        part.features["image"] = torch.cat(batches)
+    if "text" in towers and part.records:
+        part.features["text"] = embed_texts(model, tokenizer, [record["caption"] for record in part.records])
     return part
 
 
@@ -242,15 +244,6 @@ def _source_url(sample: dict) -> Optional[str]:
     except (ValueError, AttributeError):
         return None
     return url if isinstance(url, str) else None
-
-
-def _texts(model, tokenizer, captions: list[str]) -> torch.Tensor:
-    return embed_texts(model, tokenizer, captions) if captions else _empty(model)
-
-
-def _empty(model) -> torch.Tensor:
-    """No rows, the model's width: a part whose rows were all left out is still written."""
-    return torch.empty(0, model.config.embed_dim)
 
 
 # -- the output folder -----------------------------------------------------------------------------
@@ -293,8 +286,12 @@ class EmbeddingFolder:
         return ([self.root / folder / f"{folder}_{number}.npy" for folder in folders]
                 + [self.root / METADATA_FOLDER / f"{METADATA_FOLDER}_{number}.{self.metadata}"])
 
+    def empty_marker(self, index: int) -> Path:
+        """What a finished part without rows leaves instead of its files (``metadata_N.empty``)."""
+        return self.files(index)[-1].with_suffix(".empty")
+
     def finished(self, index: int) -> bool:
-        return all(path.is_file() for path in self.files(index))
+        return self.empty_marker(index).is_file() or all(path.is_file() for path in self.files(index))
 
     def check(self) -> None:
         """Before the model loads: OUT is new or empty, or holds an earlier run of these inputs and
@@ -336,8 +333,15 @@ class EmbeddingFolder:
         return manifest
 
     def write(self, index: int, part: Part) -> None:
-        """The part's embedding files, then its metadata, each whole or not at all."""
+        """The part's embedding files, then its metadata, each whole or not at all. A part without
+        rows gets no files, as in clip-retrieval (embedding-reader, which autofaiss reads with,
+        fails on empty ones), only its marker; files an interrupted try left are removed."""
         *embeddings, metadata = self.files(index)
+        if not part.records:
+            for path in embeddings:
+                path.unlink(missing_ok=True)
+            atomic_write(self.empty_marker(index), lambda tmp: None)
+            return
         for path, tower in zip(embeddings, MODALITIES[self.modality]):
             values = part.features[tower].numpy().astype(self.dtype)
             atomic_write(path, lambda tmp: _save_npy(tmp, values))
