@@ -188,8 +188,8 @@ def embed_items(model, transform: Callable, tokenizer: Callable, items: Sequence
     return part
 
 
-def embed_shard(model, transform: Callable, tokenizer: Callable, url: str, modality: str, batch_size: int = 32,
-                advance: Callable[[int], None] = lambda n: None) -> Part:
+def embed_shard(model, transform: Callable, tokenizer: Callable, url: str, modality: str,
+                batch_size: int = 32) -> Part:
     """Embed the samples of one shard, in order; a sample without an image (image modality) or a
     caption (text modality) is left out. The metadata names each sample as clip-retrieval does
     (``image_path`` is its key) with its ``url`` from its .json, if any.
@@ -202,7 +202,6 @@ def embed_shard(model, transform: Callable, tokenizer: Callable, url: str, modal
 
     def flush():
         batches.append(image_features(model, torch.stack(images), pending))
-        advance(len(images))
         images.clear()
         pending.clear()
 
@@ -270,6 +269,7 @@ class EmbeddingFolder:
     def __init__(self, root: Path, collection: Collection, modality: str, dtype: str, metadata: str):
         self.root, self.collection, self.modality = Path(root), collection, modality
         self.dtype, self.metadata = dtype, metadata
+        self.fingerprints: dict[str, str] = {}  # the model's, per tower: known once it is loaded (start)
         self.settings = {"format": _FORMAT, "kind": collection.kind, "inputs": collection.inputs,
                          "rows": len(collection.items) if collection.kind != "shards" else None,
                          "digest": collection.digest(), "modality": modality, "part_size": collection.part_size,
