@@ -109,7 +109,8 @@ def test_package_imports_only_what_the_wheel_declares(wheel):
     declared = set()
     for line in wheel_metadata(wheel).get_all("Requires-Dist"):
         requirement = Requirement(line)
-        if requirement.marker is None or requirement.marker.evaluate({"extra": "hf"}):  # hf: the optional text tower
+        # hf: the optional text tower; parquet: `coca embed`'s Parquet metadata
+        if requirement.marker is None or any(requirement.marker.evaluate({"extra": e}) for e in ("hf", "parquet")):
             declared.add(canonicalize_name(requirement.name))
     providers = importlib.metadata.packages_distributions()
     undeclared = set()

@@ -27,17 +27,19 @@ class IndexDamaged(Exception):
     """An index file that cannot be trusted; the reason is the message."""
 
 
-def model_fingerprint(model, sample: int = 1024) -> str:
-    """A short hash that changes whenever the image embeddings would: other weights, size or precision.
+def model_fingerprint(model, sample: int = 1024, tower: str = "visual") -> str:
+    """A short hash that changes whenever the image embeddings would (``tower="text"``: the text
+    embeddings): other weights, size or precision.
 
-    Only the image tower counts (text weights do not change image embeddings). Hashing all of
+    Only that tower counts (text weights do not change image embeddings). Hashing all of
     a ViT-L's weights on every query would cost seconds; names, shapes, dtypes and an evenly
     spaced sample of each tensor's values tell models apart just as well, in milliseconds.
     """
     digest = hashlib.sha256()
+    module = getattr(model, tower)
     # the kinds of layers too: a QuickGELU or a norm computed in fp32 changes embeddings, not weights
-    digest.update(" ".join(sorted({type(layer).__name__ for layer in model.visual.modules()})).encode())
-    for name, tensor in model.visual.state_dict().items():
+    digest.update(" ".join(sorted({type(layer).__name__ for layer in module.modules()})).encode())
+    for name, tensor in module.state_dict().items():
         flat = tensor.detach().flatten()
         picked = flat[:: max(1, flat.numel() // sample)].float().cpu()
         digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
