@@ -28,7 +28,7 @@ COMMANDS = list(_commands())
 
 
 def test_every_designed_command_is_there():
-    assert {"train", "finetune", "caption", "classify", "retrieve", "prepare-coco", "convert"} <= {c[0] for c in COMMANDS}
+    assert {"train", "finetune", "caption", "classify", "retrieve", "prepare-coco", "convert", "embed"} <= {c[0] for c in COMMANDS}
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=" ".join)

@@ -43,6 +43,43 @@ def test_cache_is_written_in_place_and_reordered(static):
     assert cache.kv.shape[2] == 1 and cache.kv[1, 0, 0, 0, :4, 0].tolist() == [-3, -4, -5, 3]
 
 
+@pytest.mark.parametrize("static", [True, False])
+def test_cache_grows_keeping_what_was_written(static):
+    cache = KVCache(layers=1, max_len=2, static=static)
+    k = torch.arange(2 * 2.0).view(2, 1, 2, 1)
+    cache.write(0, torch.arange(2), k, -k)
+    cache.write_keep(torch.arange(2), torch.tensor([[True, False], [True, True]]))
+    cache.grow(5)
+    cache.write(0, torch.tensor([2]), k[:, :, :1] + 10, k[:, :, :1])
+    cache.write_keep(torch.tensor([2]), torch.tensor([[True], [False]]))
+    assert cache.kv.shape == (2, 1, 2, 1, 5, 1) and cache.max_len == 5
+    assert cache.kv[0, 0, :, 0, :3, 0].tolist() == [[0, 1, 10], [2, 3, 12]]
+    assert cache.keep.tolist() == [[True, False, True, False, False], [True, True, False, False, False]]
+
+
+def test_decoder_sized_for_short_captions_grows_to_the_same_logits(model):
+    """Caches sized for the captions expected (stopping criteria's max_length) grow when a caption
+    runs longer, giving the logits of caches sized for the whole context, through beam reorders."""
+    from coca_cli.model.decoding import IncrementalDecoder
+    from coca_cli.model.generation import max_decode_length
+
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        _, embs = model._encode_image(images)
+        seq = torch.randint(0, 1000, (2, 9), generator=torch.Generator().manual_seed(1))
+        logits = []
+        for expected in (None, 2):
+            decoder = IncrementalDecoder(model, embs, max_decode_length(model), expected_len=expected)
+            decoder.use_images(torch.arange(2))
+            steps = [decoder.logits(seq[:, :n]) for n in (1, 2, 3)]
+            decoder.select(torch.tensor([1, 0]))
+            rows = seq[[1, 0]]
+            steps += [decoder.logits(rows[:, :n]) for n in range(4, 10)]
+            logits.append(torch.stack(steps))
+            assert decoder.capacity == (max_decode_length(model) if expected is None else 16)
+    assert torch.equal(logits[0], logits[1])
+
+
 def test_step_mask_is_causal_over_the_buffer():
     mask = step_mask(torch.tensor([1, 2]), 4)
     assert mask.tolist() == [[True, True, False, False], [True, True, True, False]]

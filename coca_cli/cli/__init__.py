@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 import time
+from enum import Enum
 from typing import Optional
 
 import typer
@@ -103,8 +104,8 @@ def command_line(ctx: typer.Context, drop: tuple = ()) -> list[str]:
                 args.append(param.opts[0])
             elif param.secondary_opts:
                 args.append(param.secondary_opts[0])
-        elif value is not None:
-            args += [param.opts[0], str(value)]
+        elif value is not None:  # a choice (an Enum) as it was typed, not as Python spells it
+            args += [param.opts[0], str(value.value if isinstance(value, Enum) else value)]
     return args
 
 
@@ -229,5 +230,5 @@ def entry() -> None:
 
 
 # Each command lives in its own module and registers itself on `app`.
-from . import (caption, classify, coco, convert, eval_captions, evaluate, models, retrieve, score,  # noqa: E402,F401
+from . import (caption, classify, coco, convert, embed, eval_captions, evaluate, models, retrieve, score,  # noqa: E402,F401
                train)

@@ -14,7 +14,7 @@ from rich.text import Text
 from ..errors import CocaError
 from . import app, err_console, stdout_format
 from .classify import (check_output_file, embed_batches, fail_if_skipped, load_contrastive, require_features,
-                       result_sink)
+                       result_sink, with_defaults)
 from .options import (BatchSizeOption, ContrastivePretrainedOption, DeviceOption, FormatOption, ModelOption,
                       PrecisionOption, ResultsFileOption, WorkersOption)
 
@@ -49,7 +49,9 @@ def retrieve_command(
     output_format: FormatOption = None,
     as_json: bool = typer.Option(False, "--json", help="Same as --format jsonl: one object per query."),
     output: ResultsFileOption = None,
-    html: Optional[Path] = typer.Option(None, "--html", help="Also write an HTML page with thumbnails and scores."),
+    html: Optional[Path] = typer.Option(None, "--html", help="Also write a results page: the model, each query, "
+                                        "every hit's rank, score and thumbnail linked to the full image; one "
+                                        "file that works offline, with links relative to its folder."),
     model: ModelOption = None,
     pretrained: ContrastivePretrainedOption = None,
     device: DeviceOption = "auto",
@@ -65,6 +67,7 @@ def retrieve_command(
     \b
     Example: coca retrieve --images photos/ --query "a red car" --top-k 5
              coca retrieve --texts captions.txt --image q.jpg --output hits.tsv
+             coca retrieve --images photos/ --query "a red car" --html hits.html
              coca retrieve --images photos/ --query "a red car" --index-type hnsw
     """
     if bool(images) == bool(texts) or bool(images) != bool(query) or bool(texts) != bool(image):
@@ -87,38 +90,39 @@ def retrieve_command(
     candidates = read_lines(texts, "texts file") if texts else None
     fmt = stdout_format(output_format, as_json)
     check_output_file(output)
-    from ..tasks.retrieval import check_index_file, write_html
+    from ..tasks.results_page import check_page_file, write_results_page
+    from ..tasks.retrieval import check_index_file
 
     if index is not None:
         check_index_file(index)  # before the model loads: never replace someone else's file
+    check_page_file(html)
 
-    options = dict(model=model, pretrained=pretrained, device=device, precision=precision, batch_size=batch_size,
-                   workers=workers)
+    net, transform, tokenizer = load_contrastive(model, pretrained, device, precision)
     unsaved = None  # an index that could not be written is reported after the results
     if images:
-        rankings, skipped, unsaved = _images_for_texts(images, paths, query, index, top_k, index_type, nprobe,
-                                                       **options)
+        rankings, skipped, unsaved = _images_for_texts(net, transform, tokenizer, images, paths, query, index, top_k,
+                                                       index_type, nprobe, batch_size, workers)
     else:
-        rankings, skipped = _texts_for_images(candidates, paths, top_k, **options)
+        rankings, skipped = _texts_for_images(net, transform, tokenizer, candidates, paths, top_k, batch_size,
+                                              workers)
     with result_sink(output, fmt, rankings[0].columns, _show) as emit:
         for ranking in rankings:
             emit(ranking)
     if html is not None:
-        write_html(html, rankings)
+        write_results_page(html, rankings, net.config.name, with_defaults(model, pretrained)[1])
         err_console.print(f"wrote {html}")
     if unsaved is not None:
         raise unsaved
     fail_if_skipped(skipped, len(paths))
 
 
-def _images_for_texts(images, paths, queries, index, top_k, index_type, nprobe, model, pretrained, device,
-                      precision, batch_size, workers):
+def _images_for_texts(net, transform, tokenizer, images, paths, queries, index, top_k, index_type, nprobe,
+                      batch_size, workers):
     """Text→image: embed what the index lacks, then rank the whole collection for each query.
     Returns the rankings, the images skipped and the error of an index that could not be written."""
     from ..tasks.embeddings import embed_texts
     from ..tasks.retrieval import ImageIndex, model_fingerprint, search
 
-    net, transform, tokenizer = load_contrastive(model, pretrained, device, precision)
     store = ImageIndex(index or _default_index(images), model_fingerprint(net))
     if store.damaged:
         err_console.print(f"warning: rebuilding the index {store.path}: {store.damaged}")
@@ -174,12 +178,11 @@ def _save(store) -> Optional[CocaError]:
     return unsaved
 
 
-def _texts_for_images(candidates, paths, top_k, model, pretrained, device, precision, batch_size, workers):
+def _texts_for_images(net, transform, tokenizer, candidates, paths, top_k, batch_size, workers):
     """Image→text: every candidate text is embedded once, then ranked for each query image."""
     from ..tasks.embeddings import ImageFeatures, embed_texts
     from ..tasks.retrieval import search
 
-    net, transform, tokenizer = load_contrastive(model, pretrained, device, precision)
     candidate_features = embed_texts(net, tokenizer, candidates)
     found = ImageFeatures.concat(embed_batches(net, transform, paths, batch_size, workers))
     require_features(found, len(paths))

@@ -131,8 +131,11 @@ class IncrementalDecoder:
     ``compile=True`` it runs under ``torch.compile`` (CUDA graphs on a GPU).
     """
 
-    def __init__(self, model, image_embs: torch.Tensor, max_len: int, compile: bool = False):
+    def __init__(self, model, image_embs: torch.Tensor, max_len: int, compile: bool = False,
+                 expected_len: Optional[int] = None):
         self.text, self.decoder, self.max_len = model.text, model.text_decoder, max_len
+        # the caches hold what captions are expected to need (see KVCache), growing if they need more
+        self.capacity = min(max_len, expected_len or max_len)
         self.image_kv_all = self.decoder.image_kv(image_embs)  # per image, computed once
         self.image_kv = self.image_kv_all
         self.query_projections = self.decoder.query_projections()
@@ -145,8 +148,8 @@ class IncrementalDecoder:
 
     def reset(self):
         self.length = 0  # positions cached
-        self.text_cache = self.text.new_cache(self.max_len, static=self.compiled)
-        self.decoder_cache = self.decoder.new_cache(self.max_len, static=self.compiled)
+        self.text_cache = self.text.new_cache(self.capacity, static=self.compiled)
+        self.decoder_cache = self.decoder.new_cache(self.capacity, static=self.compiled)
 
     def use_images(self, image_index: torch.Tensor, rows_per_image: int = 1):
         index = image_index[::rows_per_image]
@@ -175,12 +178,16 @@ class IncrementalDecoder:
         if seq.shape[1] > self.max_len:
             raise ValueError(f"generation ran past the model's context length ({self.max_len} tokens); "
                              "give it a stopping criterion that ends it sooner")
+        if seq.shape[1] > self.capacity:
+            self.capacity = min(self.max_len, max(seq.shape[1], 2 * self.capacity))
+            for cache in (self.text_cache, self.decoder_cache):
+                cache.grow(self.capacity)
         past = self.length
         previous = seq[:, past - 1] if past else None
         positions = torch.arange(past, seq.shape[1], device=seq.device)
         self.length = seq.shape[1]
         for cache in (self.text_cache, self.decoder_cache):
-            cache.attend_span(self.max_len if self.compiled else self.length)
+            cache.attend_span(self.capacity if self.compiled else self.length)
         return self.step(seq[:, past:], positions, previous)
 
 

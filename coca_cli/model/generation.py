@@ -277,7 +277,8 @@ def generate(model, image: torch.Tensor, text: Optional[torch.Tensor] = None, se
             image_latent, image_embs = model._encode_image(image)
             limit = max_decode_length(model)
             if hasattr(model.text, "step"):
-                stepper = IncrementalDecoder(model, image_embs, limit, compile=compile)
+                stepper = IncrementalDecoder(model, image_embs, limit, compile=compile,
+                                             expected_len=criteria_max_length(criteria))
             else:
                 stepper = FullRecompute(model, image_latent, image_embs, limit)
 

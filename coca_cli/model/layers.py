@@ -68,6 +68,10 @@ class KVCache:
     is less attention work. Positions not written yet are never attended: queries only see keys
     at or before their own position. ``keep`` is the per-key mask shared by the layers (True = may be attended);
     the text encoder needs it because open_clip masks keys that follow a padding token.
+
+    ``max_len`` should be the longest the captions can get, not the model's context: a buffer of
+    76 positions holding 20 makes every step's attention read keys 76 positions apart, which costs
+    a CPU step ~2x in attention. ``grow`` enlarges it if a caption runs longer after all.
     """
 
     def __init__(self, layers: int, max_len: int, static: bool = False):
@@ -120,6 +124,17 @@ class KVCache:
         (zeroing max_len positions costs more than the few written); a static step attends
         them masked, and a masked key's value still meets a zero weight, so it must be finite."""
         return like.new_zeros(shape) if self.static else like.new_empty(shape)
+
+    def grow(self, max_len: int):
+        """Hold ``max_len`` positions from now on, keeping everything written."""
+        if self.kv is not None:
+            kv = self._buffer(self.kv, (*self.kv.shape[:4], max_len, self.kv.shape[5]))
+            kv.narrow(4, 0, self.max_len).copy_(self.kv)
+            self.spare = None
+            self._set(kv)
+        if self.keep is not None:
+            self.keep = torch.cat([self.keep, self.keep.new_zeros(self.keep.shape[0], max_len - self.max_len)], 1)
+        self.max_len = self.span = max_len
 
     def write_keep(self, positions: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """Store the key mask ``keep`` [B, T_new] at ``positions``; returns all of it, [B, max_len]."""

@@ -1,11 +1,8 @@
-"""The on-disk image index, search, retrieval recall and the HTML report, over :mod:`.embeddings`."""
+"""The on-disk image index, search and retrieval recall, over :mod:`.embeddings`."""
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import html
-import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +12,6 @@ import torch
 
 from ..files import atomic_write
 from ..errors import CocaError
-from ..data.transforms import ImageLoadError, load_image
 from .embeddings import ImageFeatures
 
 # -- the image index --------------------------------------------------------------------------
@@ -31,17 +27,19 @@ class IndexDamaged(Exception):
     """An index file that cannot be trusted; the reason is the message."""
 
 
-def model_fingerprint(model, sample: int = 1024) -> str:
-    """A short hash that changes whenever the image embeddings would: other weights, size or precision.
+def model_fingerprint(model, sample: int = 1024, tower: str = "visual") -> str:
+    """A short hash that changes whenever the image embeddings would (``tower="text"``: the text
+    embeddings): other weights, size or precision.
 
-    Only the image tower counts (text weights do not change image embeddings). Hashing all of
+    Only that tower counts (text weights do not change image embeddings). Hashing all of
     a ViT-L's weights on every query would cost seconds; names, shapes, dtypes and an evenly
     spaced sample of each tensor's values tell models apart just as well, in milliseconds.
     """
     digest = hashlib.sha256()
+    module = getattr(model, tower)
     # the kinds of layers too: a QuickGELU or a norm computed in fp32 changes embeddings, not weights
-    digest.update(" ".join(sorted({type(layer).__name__ for layer in model.visual.modules()})).encode())
-    for name, tensor in model.visual.state_dict().items():
+    digest.update(" ".join(sorted({type(layer).__name__ for layer in module.modules()})).encode())
+    for name, tensor in module.state_dict().items():
         flat = tensor.detach().flatten()
         picked = flat[:: max(1, flat.numel() // sample)].float().cpu()
         digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
@@ -361,52 +359,3 @@ def retrieval_recall(scores: torch.Tensor, caption_image: Sequence[int],
 def _share(hits: torch.Tensor) -> float:
     return hits.double().mean().item()
 
-
-# -- HTML report ------------------------------------------------------------------------------
-
-_STYLE = """body{font-family:system-ui,sans-serif;margin:2em;color:#222}
-section{margin-bottom:2.5em}h2{font-size:1.1em}
-.hits{display:flex;flex-wrap:wrap;gap:1em}
-figure{margin:0;width:170px;font-size:.85em;word-break:break-all}
-img{max-width:160px;max-height:160px;display:block;border:1px solid #ccc}
-.score{font-variant-numeric:tabular-nums;color:#555;margin-right:.6em}
-.unreadable{width:160px;height:100px;background:#eee;display:flex;align-items:center;justify-content:center}"""
-
-
-def thumbnail_uri(path: Path, size: int = 160) -> Optional[str]:
-    """A small JPEG of the image as a data: URI, or None when the file cannot be read any more."""
-    try:
-        image = load_image(path).convert("RGB")
-        image.thumbnail((size, size))
-        buffer = io.BytesIO()
-        image.save(buffer, "JPEG", quality=80)
-    except (ImageLoadError, OSError, ValueError):
-        return None
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def _image_tag(path: str) -> str:
-    uri = thumbnail_uri(Path(path))
-    if uri is None:
-        return '<div class="unreadable">unreadable</div>'
-    return f'<img src="{uri}" alt="{html.escape(Path(path).name)}" title="{html.escape(path)}">'
-
-
-def _section(ranking: Ranking) -> str:
-    esc = html.escape
-    if ranking.query_is_image:
-        items = "".join(f'<li><span class="score">{h.score:.4f}</span>{esc(h.item)}</li>' for h in ranking.hits)
-        return (f"<section><h2>{esc(ranking.query)}</h2>{_image_tag(ranking.query)}"
-                f"<ol>{items}</ol></section>")
-    figures = "".join(f"<figure>{_image_tag(h.item)}<figcaption>#{h.rank} "
-                      f'<span class="score">{h.score:.4f}</span><br>{esc(h.item)}</figcaption></figure>'
-                      for h in ranking.hits)
-    return f'<section><h2>{esc(ranking.query)}</h2><div class="hits">{figures}</div></section>'
-
-
-def write_html(path: Path, rankings: Sequence[Ranking], title: str = "coca retrieve") -> None:
-    """A self-contained page (thumbnails inlined as base64 JPEGs) with each query, its hits and scores."""
-    body = "\n".join(_section(r) for r in rankings)
-    page = (f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-            f"<style>{_STYLE}</style></head>\n<body><h1>{html.escape(title)}</h1>\n{body}\n</body></html>\n")
-    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))
