@@ -530,6 +530,73 @@ def bench_loaders(worker_counts: list[int], batch: int, samples: int) -> list[di
     return rows
 
 
+# -- retrieve ----------------------------------------------------------------------------------
+
+RETRIEVE_CLUSTERS = 1000
+
+
+def synthetic_embeddings(count: int, dim: int, seed: int, block: int = 65536) -> torch.Tensor:
+    """Normalised embeddings around ``RETRIEVE_CLUSTERS`` fixed random centres (as much noise as centre),
+    as image embeddings cluster by subject; uniform random ones have no neighbourhoods to find."""
+    centres = torch.randn(RETRIEVE_CLUSTERS, dim, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(seed)
+    out = torch.empty(count, dim)
+    for start in range(0, count, block):  # in blocks: the collection is the peak memory
+        rows = min(block, count - start)
+        noisy = centres[torch.randint(RETRIEVE_CLUSTERS, (rows,), generator=g)] + torch.randn(rows, dim, generator=g)
+        out[start:start + rows] = torch.nn.functional.normalize(noisy, dim=1)
+    return out
+
+
+def _recall(found: list[list[int]], truth: list[list[int]]) -> float:
+    return sum(len(set(f) & set(t)) for f, t in zip(found, truth)) / sum(len(t) for t in truth)
+
+
+def bench_retrieve(count: int, dim: int, queries: int, index_types: list[str], repeats: int,
+                   ef_construction: int, k: int = 10) -> list[dict]:
+    """``coca retrieve``'s search over ``count`` synthetic embeddings: the naive full matmul and topk
+    (the reference: open_clip has no retrieval), the chunked exact search, and each faiss index
+    (build time, and recall@k against exact search), each for ``queries`` queries at once and one."""
+    from coca_cli.tasks import ann
+    from coca_cli.tasks.retrieval import search
+
+    collection, asked = synthetic_embeddings(count, dim, seed=1), synthetic_embeddings(queries, dim, seed=2)
+    names = [str(i) for i in range(count)]
+
+    def hits(q, approximate=None):
+        return [[int(h.item) for h in r.hits] for r in search(["q"] * len(q), q, names, collection, k,
+                                                             approximate=approximate)]
+
+    def latencies(fn):
+        found, batch_s = timed(lambda: fn(asked), torch.device("cpu"), repeats)
+        return found, batch_s, timed(lambda: fn(asked[:1]), torch.device("cpu"), repeats)[1]
+
+    naive, naive_s, naive_one = latencies(lambda q: (q @ collection.T).topk(k, dim=1).indices.tolist())
+    exact, exact_s, exact_one = latencies(hits)
+    agreement = _recall(exact, naive)
+    base = {"task": "retrieve", "size": count, "dim": dim, "queries": queries, "k": k,
+            "threads": torch.get_num_threads()}
+    rows = [{**base, "method": "naive", "batch_s": naive_s, "single_s": naive_one, "ok": True},
+            {**base, "method": "exact", "batch_s": exact_s, "single_s": exact_one, "recall_vs_naive": agreement,
+             "ok": agreement >= 0.999}]  # a near tie within fp32 rounding may swap the 10th and 11th
+    print(f"retrieve {count} x {dim}, {queries} queries, top {k}: naive matmul+topk {naive_s:.3f} s "
+          f"(one query {naive_one * 1e3:.1f} ms); exact chunked {exact_s:.3f} s (one query {exact_one * 1e3:.1f} ms), "
+          f"{agreement:.4f} of the naive hits", flush=True)
+    for index_type in index_types:
+        start = time.perf_counter()
+        index = ann.build_index(index_type, collection, ef_construction=ef_construction)
+        build_s = time.perf_counter() - start
+        approximate = ann.ApproximateIndex(index, index_type)
+        found, batch_s, one = latencies(lambda q: hits(q, approximate))
+        recall = _recall(found, exact)
+        del index, approximate
+        rows.append({**base, "method": index_type, "build_s": build_s, "batch_s": batch_s, "single_s": one,
+                     "recall_at_k": recall, "ok": True})
+        print(f"  {index_type:<5} build {build_s:8.1f} s, {queries} queries {batch_s:.3f} s, one query "
+              f"{one * 1e3:.2f} ms, recall@{k} {recall:.4f} against exact", flush=True)
+    return rows
+
+
 # -- main --------------------------------------------------------------------------------------
 
 def default_cases(device: torch.device, tasks: list[str]) -> list[tuple[str, str, int]]:
@@ -551,8 +618,8 @@ def _memory(r: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--task", default="generate,train,loader",
-                        help="generate, train, loader, flops, comma separated (default: generate,train,loader)")
+    parser.add_argument("--task", default="generate,train,loader", help="generate, train, loader, flops, "
+                        "retrieve, comma separated (default: generate,train,loader)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     parser.add_argument("--model", default=None, help="one model for every task (default: the standard cases)")
     parser.add_argument("--batch", type=int, default=None, help="batch size (default: the standard cases')")
@@ -567,6 +634,12 @@ def main(argv=None) -> int:
     parser.add_argument("--loader-workers", default=None,
                         help="loader: worker counts to try, comma separated (default: 1 and all CPUs up to 8)")
     parser.add_argument("--loader-samples", type=int, default=512, help="loader: JPEGs decoded per worker count")
+    parser.add_argument("--sizes", default="100000,1000000", help="retrieve: collection sizes, comma separated")
+    parser.add_argument("--dim", type=int, default=768, help="retrieve: embedding width")
+    parser.add_argument("--queries", type=int, default=100, help="retrieve: queries searched at once")
+    parser.add_argument("--index-types", default="flat,ivf,hnsw", help="retrieve: faiss indexes to compare ('' none)")
+    parser.add_argument("--ef-construction", type=int, default=None, help="retrieve: hnsw build effort "
+                        "(default: coca's)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--json-out", default=None, help="append one JSON line of results to this file")
     args = parser.parse_args(argv)
@@ -577,8 +650,8 @@ def main(argv=None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("CUDA is not available")
     tasks = [t.strip() for t in args.task.split(",") if t.strip()]
-    if not tasks or set(tasks) - {"generate", "train", "loader", "flops"}:
-        parser.error("--task takes generate, train, loader and/or flops")
+    if not tasks or set(tasks) - {"generate", "train", "loader", "flops", "retrieve"}:
+        parser.error("--task takes generate, train, loader, flops and/or retrieve")
     cuda = device.type == "cuda"
     dtype = args.dtype or ("bfloat16" if cuda else "float32")
     seq_len = args.seq_len or (30 if cuda else 20)
@@ -592,10 +665,17 @@ def main(argv=None) -> int:
 
     header = (f"{'task':<9}{'model':<15}{'device':<7}{'batch':>6}  {'dtype':<9}{'ours/s':>9}{'open_clip/s':>12}"
               f"{'ratio':>8}  {'peak GiB ours/oc':<17}check")
-    if set(tasks) - {"flops"}:
+    if set(tasks) - {"flops", "retrieve"}:
         print(header)
         print("-" * len(header))
     results = []
+    if "retrieve" in tasks:
+        from coca_cli.tasks.ann import HNSW_EF_CONSTRUCTION
+
+        index_types = [t for t in args.index_types.split(",") if t]
+        for size in [int(n) for n in args.sizes.split(",")]:
+            results += bench_retrieve(size, args.dim, args.queries, index_types, args.repeats,
+                                      args.ef_construction or HNSW_EF_CONSTRUCTION)
     if "loader" in tasks:
         default_workers = sorted({0, 1, min(8, os.cpu_count() or 1)})  # 0: everything on one core
         counts = [int(w) for w in args.loader_workers.split(",")] if args.loader_workers else default_workers

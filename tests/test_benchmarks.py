@@ -52,3 +52,25 @@ def test_benchmark_script_runs_every_task_and_checks_itself(tmp_path):
     for r in loaders:
         assert r["samples"] == 60 and _number(r["per_worker_per_s"]) and r["per_worker_per_s"] > 0  # 64 - warm-up
         assert _number(r["speedup"]) and r["target"] == 2.0 and isinstance(r["decode"], str)
+
+
+def test_retrieve_benchmark_compares_exact_search_and_every_faiss_index(tmp_path):
+    out = tmp_path / "retrieve.jsonl"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--task", "retrieve", "--sizes", "500,2100",
+         "--dim", "32", "--queries", "7", "--repeats", "1", "--json-out", str(out)],
+        capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["size"], r["method"]) for r in rows] == [(size, method) for size in (500, 2100)
+                                                        for method in ("naive", "exact", "flat", "ivf", "hnsw")]
+    for r in rows:
+        assert r["task"] == "retrieve" and r["queries"] == 7 and r["k"] == 10 and r["ok"]
+        assert _number(r["batch_s"]) and _number(r["single_s"]) and r["batch_s"] > 0
+        if r["method"] == "exact":
+            assert r["recall_vs_naive"] == 1.0  # no near ties among so few
+        if r["method"] in ("flat", "ivf", "hnsw"):
+            assert _number(r["build_s"]) and 0 < r["recall_at_k"] <= 1
+        if r["method"] == "flat":
+            assert r["recall_at_k"] == 1.0  # exhaustive: faiss finds what exact search finds
+    assert "recall@10" in result.stdout and "naive matmul+topk" in result.stdout

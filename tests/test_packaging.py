@@ -109,8 +109,9 @@ def test_package_imports_only_what_the_wheel_declares(wheel):
     declared = set()
     for line in wheel_metadata(wheel).get_all("Requires-Dist"):
         requirement = Requirement(line)
-        # hf: the optional text tower; parquet: `coca embed`'s Parquet metadata
-        if requirement.marker is None or any(requirement.marker.evaluate({"extra": e}) for e in ("hf", "parquet")):
+        # hf: the optional text tower; parquet: `coca embed`'s Parquet metadata; faiss: retrieve --index-type
+        optional = ("hf", "parquet", "faiss")
+        if requirement.marker is None or any(requirement.marker.evaluate({"extra": e}) for e in optional):
             declared.add(canonicalize_name(requirement.name))
     providers = importlib.metadata.packages_distributions()
     undeclared = set()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import List, Optional
 
@@ -20,6 +21,15 @@ from .options import (BatchSizeOption, ContrastivePretrainedOption, DeviceOption
 USAGE = "search images with --images DIR --query TEXT, or texts with --texts FILE --image IMAGE"
 
 
+class IndexType(str, Enum):
+    """How the --images collection is searched: every image (exact), or through a faiss index."""
+
+    exact = "exact"
+    flat = "flat"
+    ivf = "ivf"
+    hnsw = "hnsw"
+
+
 @app.command("retrieve")
 def retrieve_command(
     images: Optional[List[str]] = typer.Option(None, "--images", "-i", help="Collection to search (with --query): "
@@ -31,6 +41,11 @@ def retrieve_command(
     top_k: int = typer.Option(5, "--top-k", "-k", min=1, help="Hits per query."),
     index: Optional[Path] = typer.Option(None, "--index", help="Embedding index of the --images collection "
                                          "[default: .coca-index.pt inside the --images folder; none for files]"),
+    index_type: IndexType = typer.Option(IndexType.exact, "--index-type", help="exact: score every image "
+                                         "(chunked, exact); flat, ivf or hnsw: a faiss index built once and kept "
+                                         "beside --index, for millions of images (pip install 'coca-cli[faiss]')."),
+    nprobe: Optional[int] = typer.Option(None, "--nprobe", min=1, help="ivf: lists searched per query; more is "
+                                         "slower and finds more of the exact hits [default: 32]."),
     output_format: FormatOption = None,
     as_json: bool = typer.Option(False, "--json", help="Same as --format jsonl: one object per query."),
     output: ResultsFileOption = None,
@@ -53,11 +68,20 @@ def retrieve_command(
     Example: coca retrieve --images photos/ --query "a red car" --top-k 5
              coca retrieve --texts captions.txt --image q.jpg --output hits.tsv
              coca retrieve --images photos/ --query "a red car" --html hits.html
+             coca retrieve --images photos/ --query "a red car" --index-type hnsw
     """
     if bool(images) == bool(texts) or bool(images) != bool(query) or bool(texts) != bool(image):
         raise CocaError(USAGE)
     if index is not None and not images:
         raise CocaError("--index belongs to an --images collection")
+    if index_type != IndexType.exact and not images:
+        raise CocaError("--index-type belongs to an --images collection")
+    if nprobe is not None and index_type != IndexType.ivf:
+        raise CocaError("--nprobe belongs to --index-type ivf")
+    if index_type != IndexType.exact:
+        from ..tasks.ann import require_faiss
+
+        require_faiss(index_type.value)  # before the model loads: a missing extra is said at once
     from ..data.inputs import collect_images
 
     from ..tasks.templates import read_lines
@@ -77,7 +101,7 @@ def retrieve_command(
     unsaved = None  # an index that could not be written is reported after the results
     if images:
         rankings, skipped, unsaved = _images_for_texts(net, transform, tokenizer, images, paths, query, index, top_k,
-                                                       batch_size, workers)
+                                                       index_type, nprobe, batch_size, workers)
     else:
         rankings, skipped = _texts_for_images(net, transform, tokenizer, candidates, paths, top_k, batch_size,
                                               workers)
@@ -92,7 +116,8 @@ def retrieve_command(
     fail_if_skipped(skipped, len(paths))
 
 
-def _images_for_texts(net, transform, tokenizer, images, paths, queries, index, top_k, batch_size, workers):
+def _images_for_texts(net, transform, tokenizer, images, paths, queries, index, top_k, index_type, nprobe,
+                      batch_size, workers):
     """Text→image: embed what the index lacks, then rank the whole collection for each query.
     Returns the rankings, the images skipped and the error of an index that could not be written."""
     from ..tasks.embeddings import embed_texts
@@ -113,8 +138,23 @@ def _images_for_texts(net, transform, tokenizer, images, paths, queries, index, 
     unsaved = _save(store)
     require_features(found, len(paths))
     query_features = embed_texts(net, tokenizer, queries)
-    rankings = search(queries, query_features, [str(p) for p in found.paths], found.features, top_k)
+    candidates = [str(p) for p in found.paths]
+    approximate = None if index_type == IndexType.exact else _faiss_index(index_type.value, nprobe, candidates,
+                                                                           found.features, store.path)
+    rankings = search(queries, query_features, candidates, found.features, top_k,
+                      device=next(net.parameters()).device, approximate=approximate)
     return rankings, skipped, unsaved
+
+
+def _faiss_index(index_type, nprobe, candidates, features, index):
+    """The collection's faiss index, reused from beside the image index while its embeddings are unchanged."""
+    from ..tasks.ann import IVF_NPROBE, faiss_index_path, load_or_build
+
+    path = faiss_index_path(index, index_type) if index is not None else None
+    approximate, report = load_or_build(index_type, candidates, features, path, err_console.print,
+                                        nprobe or IVF_NPROBE)
+    err_console.print(report)
+    return approximate
 
 
 def _default_index(images: List[str]) -> Optional[Path]:

@@ -6,7 +6,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -235,15 +235,101 @@ class Ranking:
         return [(self.query, h.rank, h.item, h.score) for h in self.hits]
 
 
+SEARCH_CHUNK = 65536  # candidates scored at once: peak memory is queries x (chunk + k) scores
+_POOL = 16  # candidates per query and chunk rescored beyond k, so that near ties rarely need a second pass
+
+
 def search(queries: Sequence[str], query_features: torch.Tensor, candidates: Sequence[str],
-           candidate_features: torch.Tensor, k: int, query_is_image: bool = False) -> list[Ranking]:
-    """For each query, the ``k`` candidates with the highest cosine similarity, best first."""
-    scores = query_features @ candidate_features.T
-    top = scores.topk(min(k, scores.shape[1]), dim=1)
+           candidate_features: torch.Tensor, k: int, query_is_image: bool = False,
+           device: Optional[torch.device] = None, approximate: Optional[Callable] = None) -> list[Ranking]:
+    """For each query, the ``k`` candidates with the highest cosine similarity, best first: all of
+    them scanned (:func:`top_k`), or those an approximate index (:mod:`.ann`) proposes, rescored
+    exactly and ranked as :func:`top_k` ranks them."""
+    if approximate is None:
+        scores, indices = top_k(query_features, candidate_features, k, device=device)
+    else:
+        proposed = approximate(query_features, k)
+        scores = _exact_scores(query_features, candidate_features, proposed.clamp(min=0))
+        scores, indices = _keep_best(scores.masked_fill(proposed < 0, float("-inf")), proposed, k)
     return [Ranking(query, [Hit(rank, score, candidates[i])
-                            for rank, (i, score) in enumerate(zip(idx.tolist(), val.tolist()), start=1)],
+                            for rank, (i, score) in enumerate(zip(idx.tolist(), val.tolist()), start=1) if i >= 0],
                     query_is_image)
-            for query, val, idx in zip(queries, top.values, top.indices)]
+            for query, val, idx in zip(queries, scores, indices)]
+
+
+@torch.no_grad()
+def top_k(query_features: torch.Tensor, candidate_features: torch.Tensor, k: int, chunk: int = SEARCH_CHUNK,
+          device: Optional[torch.device] = None, fast_dtype: Optional[torch.dtype] = None
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``min(k, candidates)`` best candidates of each query: ([queries, k] scores, their indices).
+
+    Exact and independent of ``chunk``: a score is the dot product computed in float64 and rounded
+    to float32, and equal scores rank the earlier candidate first (torch.topk orders ties as it
+    happens to). Candidates are scored ``chunk`` rows at a time by a fast matmul (``fast_dtype``:
+    fp16 on CUDA, fp32 elsewhere) that only picks each query's best few, which are then rescored
+    exactly; while any candidate left out scores, by the fast matmul's error bound, within reach of
+    the k-th, more are rescored. So memory stays at queries x (chunk + k) and nothing is sorted
+    whole, however large the collection.
+    """
+    k, device = min(k, len(candidate_features)), torch.device(device or "cpu")
+    fast_dtype = fast_dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+    queries = query_features.to(device, fast_dtype)
+    query_norm = float(query_features.norm(dim=1).max()) if len(query_features) else 0.0
+    best = (torch.empty(len(query_features), 0), torch.empty(len(query_features), 0, dtype=torch.long))
+    for start in range(0, len(candidate_features), chunk):
+        block = candidate_features[start:start + chunk]
+        scores = _fast_scores(queries, block.to(device, fast_dtype))
+        margin = _error_bound(fast_dtype, block.shape[1]) * query_norm
+        previous, pool = best, min(k + _POOL, len(block))
+        while True:
+            fast = scores.topk(pool, dim=1)
+            picked = fast.indices.cpu() + start
+            best = _keep_best(torch.cat([previous[0], _exact_scores(query_features, candidate_features, picked)], 1),
+                              torch.cat([previous[1], picked], 1), k)
+            floor = (best[0][:, -1] - margin).to(device)  # a fast score below it cannot reach the k-th
+            if pool == len(block) or not bool((fast.values[:, -1] >= floor).any()):
+                break
+            within_reach = int((scores >= floor[:, None]).sum(dim=1).max())
+            if within_reach <= pool:
+                break
+            pool = within_reach
+    return best
+
+
+def _fast_scores(queries: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+    """float32 scores of the fast matmul (accumulated in float32 on CUDA, whatever the inputs)."""
+    if queries.is_cuda and queries.dtype != torch.float32:
+        return torch.mm(queries, block.T, out_dtype=torch.float32)
+    return (queries @ block.T).float()
+
+
+def _error_bound(dtype: torch.dtype, dim: int) -> float:
+    """How far a fast score can be from the exact float32 one, for a unit-length candidate (the
+    embeddings here always are; measuring every candidate's length would cost as much as scoring
+    it) and per unit of the query's length: float32 accumulation over ``dim`` products, plus, for
+    16-bit inputs, their rounding and that of the output."""
+    accumulation = 2 * (dim + 2) * 2.0 ** -24
+    return accumulation if dtype == torch.float32 else accumulation + 4 * torch.finfo(dtype).eps
+
+
+def _exact_scores(query_features: torch.Tensor, candidate_features: torch.Tensor, picked: torch.Tensor,
+                  budget: int = 1 << 24) -> torch.Tensor:
+    """[queries, n] float32 scores of each query with its ``picked`` [queries, n] candidates,
+    computed in float64 (so the same whichever others are picked), ``budget`` values at a time."""
+    rows = max(1, budget // max(1, picked.shape[1] * candidate_features.shape[1]))
+    out = torch.empty(picked.shape)
+    for start in range(0, len(picked), rows):
+        chosen = candidate_features[picked[start:start + rows]].double()
+        out[start:start + rows] = torch.bmm(chosen, query_features[start:start + rows].double()[:, :, None])[..., 0]
+    return out
+
+
+def _keep_best(scores: torch.Tensor, indices: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` best of each row, highest score first and equal scores by lower index."""
+    by_index = indices.argsort(dim=1)
+    scores, indices = scores.gather(1, by_index), indices.gather(1, by_index)
+    order = scores.sort(dim=1, descending=True, stable=True).indices[:, :k]
+    return scores.gather(1, order), indices.gather(1, order)
 
 
 # -- retrieval evaluation ---------------------------------------------------------------------
