@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import PHOTOS, one_error_line, run_cli
-from coca_cli.model.layers import KVCache, step_mask
+from coca_cli.model.layers import BufferPool, KVCache, step_mask
 
 FAST = ["--seq-len", "8", "--min-seq-len", "2", "--num-beams", "4", "--num-beam-groups", "2"]
 
@@ -39,8 +39,9 @@ def test_cache_is_written_in_place_and_reordered(static):
     cache.attend_span(4)
     k_past, v_past = cache.past(0)
     assert k_past.shape == (2, 1, 4, 1) and v_past[0, 0, :, 0].tolist() == [-3, -4, -5, 3]
-    cache.select(torch.tensor([0]), length=4)  # fewer rows: a smaller buffer
+    cache.select(torch.tensor([0]), length=4)  # fewer rows: the first rows of the other buffer
     assert cache.kv.shape[2] == 1 and cache.kv[1, 0, 0, 0, :4, 0].tolist() == [-3, -4, -5, 3]
+    assert len(cache.allocated) == 2  # the buffer and one spare, nothing more
 
 
 @pytest.mark.parametrize("static", [True, False])
@@ -55,6 +56,67 @@ def test_cache_grows_keeping_what_was_written(static):
     assert cache.kv.shape == (2, 1, 2, 1, 5, 1) and cache.max_len == 5
     assert cache.kv[0, 0, :, 0, :3, 0].tolist() == [[0, 1, 10], [2, 3, 12]]
     assert cache.keep.tolist() == [[True, False, True, False, False], [True, True, False, False, False]]
+
+
+def test_buffer_pool_hands_back_what_the_last_call_kept():
+    pool, like = BufferPool(), torch.zeros(1)
+    first = pool.take(like, (2, 3))
+    assert pool.take(like, (2, 3)) is not first  # nothing kept yet: a new one
+    pool.keep([first, torch.ones(4)])
+    assert pool.take(like.double(), (2, 3)) is not first  # another dtype: a new one
+    first.fill_(float("nan"))
+    again = pool.take(like, (2, 3), zero=True)
+    assert again is first and again.eq(0).all()  # static caches attend unwritten positions: zeroed
+    assert pool.take(like, (2, 3)) is not first  # taken once, not twice
+    pool.keep([])
+    assert pool.take(like, (4,)).data_ptr() != 0 and not pool._free  # keep replaces what was held
+    pool.keep([first])
+    import copy, pickle
+    assert not copy.deepcopy(pool)._free and not pickle.loads(pickle.dumps(pool))._free
+
+
+def _kept(model) -> list:
+    return [b for buffers in model.decode_buffers._free.values() for b in buffers]
+
+
+def test_generate_decodes_in_the_last_calls_caches(model):
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    kwargs = dict(seq_len=8, min_seq_len=2, num_beams=4, num_beam_groups=2)
+    first = model.generate(images, **kwargs)
+    kept = _kept(model)
+    # per cache (text, decoder): the first step's, one row per image, then two of a row per beam
+    assert sorted(b.shape[2] for b in kept) == [2, 2, 8, 8, 8, 8]
+    assert torch.equal(model.generate(images, **kwargs), first)
+    assert {b.data_ptr() for b in _kept(model)} == {b.data_ptr() for b in kept}
+
+
+def test_reused_caches_are_never_read_before_written(model):
+    """Steps through reorders and finished rows give the same logits in buffers a previous
+    decoder left full of NaN as in fresh ones: no position is read before it is written."""
+    from coca_cli.model.decoding import IncrementalDecoder
+    from coca_cli.model.generation import max_decode_length
+
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    seq = torch.randint(0, 1000, (4, 6), generator=torch.Generator().manual_seed(1))
+    runs = []
+    with torch.inference_mode():
+        _, embs = model._encode_image(images)
+        for fill in (None, float("nan")):
+            if fill is not None:
+                for buffer in _kept(model):
+                    buffer.fill_(fill)
+            decoder = IncrementalDecoder(model, embs, max_decode_length(model), expected_len=6)
+            decoder.use_images(torch.tensor([0, 0, 1, 1]), rows_per_image=2)
+            steps = [decoder.logits(seq[:, :n]) for n in (2, 3)]
+            decoder.select(torch.tensor([1, 1, 3, 2]))
+            rows = seq[[1, 1, 3, 2]]
+            steps += [decoder.logits(rows[:, :n]) for n in (4, 5)]
+            decoder.select(torch.tensor([2, 3]))  # the first image's captions finished
+            decoder.use_images(torch.tensor([1, 1]), rows_per_image=2)
+            steps.append(decoder.logits(rows[[2, 3]]))
+            decoder.release()
+            runs.append(torch.cat(steps))
+    assert len(_kept(model)) == 4 and runs[0].isfinite().all() and torch.equal(runs[0], runs[1])
 
 
 def test_decoder_sized_for_short_captions_grows_to_the_same_logits(model):

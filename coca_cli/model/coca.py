@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import CLIPTextCfg, CLIPVisionCfg, CoCaConfig, MultimodalCfg
-from .layers import LayerNorm, LayerNormFp32, QuickGELU
+from .layers import BufferPool, LayerNorm, LayerNormFp32, QuickGELU
 from .text import MultimodalDecoder, TextTransformer
 from .vision import VisionTransformer
 
@@ -60,6 +60,7 @@ class CoCa(nn.Module):
         self.logit_bias = nn.Parameter(torch.ones(shape) * init_logit_bias) if init_logit_bias is not None else None
         self.pad_id = pad_id
         self.context_length = multimodal_cfg.context_length
+        self.decode_buffers = BufferPool()  # KV cache memory that one generate call leaves to the next
 
     @classmethod
     def from_config(cls, cfg: CoCaConfig, cast_dtype: Optional[torch.dtype] = None, **options) -> "CoCa":

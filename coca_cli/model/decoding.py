@@ -9,6 +9,8 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
+from .layers import KVCache
+
 StoppingCriterion = Callable[[torch.Tensor, Optional[torch.Tensor]], Union[bool, torch.Tensor]]
 
 
@@ -134,6 +136,9 @@ class IncrementalDecoder:
     def __init__(self, model, image_embs: torch.Tensor, max_len: int, compile: bool = False,
                  expected_len: Optional[int] = None):
         self.text, self.decoder, self.max_len = model.text, model.text_decoder, max_len
+        self.buffers = model.decode_buffers
+        self.text_cache: Optional[KVCache] = None
+        self.decoder_cache: Optional[KVCache] = None
         # the caches hold what captions are expected to need (see KVCache), growing if they need more
         self.capacity = min(max_len, expected_len or max_len)
         self.image_kv_all = self.decoder.image_kv(image_embs)  # per image, computed once
@@ -147,9 +152,15 @@ class IncrementalDecoder:
         self.reset()
 
     def reset(self):
+        self.release()
         self.length = 0  # positions cached
-        self.text_cache = self.text.new_cache(self.capacity, static=self.compiled)
-        self.decoder_cache = self.decoder.new_cache(self.capacity, static=self.compiled)
+        self.text_cache = self.text.new_cache(self.capacity, static=self.compiled, pool=self.buffers)
+        self.decoder_cache = self.decoder.new_cache(self.capacity, static=self.compiled, pool=self.buffers)
+
+    def release(self):
+        """Hand the caches' buffers back to the model's pool, for the next caches to take."""
+        if self.text_cache is not None:
+            self.buffers.keep(self.text_cache.allocated + self.decoder_cache.allocated)
 
     def use_images(self, image_index: torch.Tensor, rows_per_image: int = 1):
         index = image_index[::rows_per_image]
@@ -203,6 +214,9 @@ class FullRecompute:
         self.latent, self.embs = image_latent, image_embs
 
     def reset(self):
+        pass
+
+    def release(self):
         pass
 
     @property

@@ -58,6 +58,45 @@ class LayerScale(nn.Module):
         return x * self.gamma
 
 
+class BufferPool:
+    """Buffers one decoding call hands back for the next call to take again.
+
+    The KV caches of a caption batch are tens of MB (47 MB for two images on coca_ViT-B-32).
+    Freshly allocated each call, every 4 KB page of them costs a page fault when first written:
+    ~12k faults, ~10% of such a call on a CPU (benchmarks/RESULTS.md). Only the buffers of the
+    last ``keep`` are held, so a model moved to another device or given other batch sizes does
+    not hold on to old ones. Taking pops a buffer (atomic under the GIL): two threads decoding
+    with one model never share one.
+    """
+
+    def __init__(self):
+        self._free: dict[tuple, list[torch.Tensor]] = {}
+
+    def __getstate__(self):  # a saved or copied model does not carry its spare memory along
+        return {"_free": {}}
+
+    def __deepcopy__(self, memo):
+        return BufferPool()
+
+    def take(self, like: torch.Tensor, shape, zero: bool = False) -> torch.Tensor:
+        """A buffer of ``shape`` with ``like``'s dtype and device: a kept one, or a new one."""
+        free = self._free.get((tuple(shape), like.dtype, like.device))
+        try:
+            buffer = free.pop() if free else None
+        except IndexError:  # another thread took the last one
+            buffer = None
+        if buffer is None:
+            return like.new_zeros(shape) if zero else like.new_empty(shape)
+        return buffer.zero_() if zero else buffer
+
+    def keep(self, buffers: list[torch.Tensor]):
+        """Hold ``buffers`` for the next call, instead of whatever was held before."""
+        free: dict[tuple, list[torch.Tensor]] = {}
+        for buffer in buffers:
+            free.setdefault((tuple(buffer.shape), buffer.dtype, buffer.device), []).append(buffer)
+        self._free = free
+
+
 class KVCache:
     """Keys and values of past positions for a stack of attention layers, preallocated.
 
@@ -72,10 +111,14 @@ class KVCache:
     ``max_len`` should be the longest the captions can get, not the model's context: a buffer of
     76 positions holding 20 makes every step's attention read keys 76 positions apart, which costs
     a CPU step ~2x in attention. ``grow`` enlarges it if a caption runs longer after all.
+
+    Buffers come from ``pool`` when one is given, and ``allocated`` lists them for handing back.
     """
 
-    def __init__(self, layers: int, max_len: int, static: bool = False):
+    def __init__(self, layers: int, max_len: int, static: bool = False, pool: Optional[BufferPool] = None):
         self.layers, self.max_len, self.static = layers, max_len, static
+        self.pool = pool or BufferPool()
+        self.allocated: list[torch.Tensor] = []  # every buffer this cache took, to hand back to ``pool``
         self.spare: Optional[torch.Tensor] = None  # a second buffer for ``select`` to copy into
         self.span = max_len  # positions the next step attends (``attend_span``)
         self._past: Optional[list] = None  # this step's per-layer keys/values over ``span``
@@ -120,10 +163,18 @@ class KVCache:
         return step_mask(positions, self.span, keep)
 
     def _buffer(self, like: torch.Tensor, shape) -> torch.Tensor:
-        """A new buffer. Eager steps never read unwritten positions, so it is left uninitialised
-        (zeroing max_len positions costs more than the few written); a static step attends
+        """A buffer from the pool. Eager steps never read unwritten positions, so it is left as it
+        is (zeroing max_len positions costs more than the few written); a static step attends
         them masked, and a masked key's value still meets a zero weight, so it must be finite."""
-        return like.new_zeros(shape) if self.static else like.new_empty(shape)
+        buffer = self.pool.take(like, shape, zero=self.static)
+        self.allocated.append(buffer)
+        return buffer
+
+    def _spare_rows(self, rows: int) -> torch.Tensor:
+        """The first ``rows`` rows of the spare buffer (rows only ever drop: finished captions)."""
+        if self.spare is None or self.spare.shape[2] < rows:
+            self.spare = self._buffer(self.kv, (*self.kv.shape[:2], rows, *self.kv.shape[3:]))
+        return self.spare.narrow(2, 0, rows)
 
     def grow(self, max_len: int):
         """Hold ``max_len`` positions from now on, keeping everything written."""
@@ -145,20 +196,18 @@ class KVCache:
     def select(self, index: torch.Tensor, length: int):
         """Keep and reorder batch rows (beam reordering, dropping finished rows).
 
-        Only the first ``length`` positions (all that was written) are copied, once: into a
-        spare buffer that is then swapped in, or a smaller one for fewer rows. With ``static``
+        Only the first ``length`` positions (all that was written) are copied, once: into the
+        spare buffer (its first rows, for fewer rows), which is then swapped in. With ``static``
         (a compiled, captured step reads the buffer at one address) they are reordered in place.
         """
         if self.kv is not None:
-            same_rows = index.numel() == self.kv.shape[2]
             past = self.kv.narrow(4, 0, length)
-            if same_rows and self.static:
+            if self.static and index.numel() == self.kv.shape[2]:
                 past.copy_(past.index_select(2, index))
             else:
-                out = self.spare if same_rows and self.spare is not None else self._buffer(
-                    self.kv, (*self.kv.shape[:2], index.numel(), *self.kv.shape[3:]))
+                out = self._spare_rows(index.numel())
                 torch.index_select(past, 2, index, out=out.narrow(4, 0, length))
-                self.spare = self.kv if same_rows else None
+                self.spare = self.kv
                 self._set(out)
         if self.keep is not None:
             if self.static and index.numel() == self.keep.shape[0]:

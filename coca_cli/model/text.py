@@ -16,7 +16,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from .config import CLIPTextCfg, MultimodalCfg
-from .layers import KVCache, LayerNorm, ResidualBlock, Transformer, causal_mask, init_transformer_blocks
+from .layers import BufferPool, KVCache, LayerNorm, ResidualBlock, Transformer, causal_mask, init_transformer_blocks
 from .packed import linear
 
 
@@ -120,8 +120,8 @@ class TextTransformer(nn.Module):
         return (pooled, tokens) if self.output_tokens else pooled
 
     # -- incremental decoding -------------------------------------------------------------
-    def new_cache(self, max_len: int, static: bool = False) -> KVCache:
-        return KVCache(len(self.transformer.resblocks), max_len, static)
+    def new_cache(self, max_len: int, static: bool = False, pool: Optional[BufferPool] = None) -> KVCache:
+        return KVCache(len(self.transformer.resblocks), max_len, static, pool)
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
              previous: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -178,8 +178,8 @@ class MultimodalDecoder(nn.Module):
         return self.ln_final(x) @ self.text_projection  # [B, T, vocab] or [P, vocab]
 
     # -- incremental decoding -------------------------------------------------------------
-    def new_cache(self, max_len: int, static: bool = False) -> KVCache:
-        return KVCache(len(self.resblocks), max_len, static)
+    def new_cache(self, max_len: int, static: bool = False, pool: Optional[BufferPool] = None) -> KVCache:
+        return KVCache(len(self.resblocks), max_len, static, pool)
 
     def image_kv(self, image_embs: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Cross-attention keys/values of the image tokens: computed once per image."""
