@@ -19,6 +19,7 @@ def test_benchmark_script_runs_every_task_and_checks_itself(tmp_path):
         [sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--task", "generate,train,loader,flops",
          "--model", "coca_tiny", "--batch", "4", "--seq-len", "8", "--gen-batch", "2",
          "--repeats", "1", "--warmup", "1", "--steps", "2", "--loader-workers", "1", "--loader-samples", "64",
+         "--loader-repeats", "2",
          "--json-out", str(out)],
         capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -52,6 +53,7 @@ def test_benchmark_script_runs_every_task_and_checks_itself(tmp_path):
     for r in loaders:
         assert r["samples"] == 60 and _number(r["per_worker_per_s"]) and r["per_worker_per_s"] > 0  # 64 - warm-up
         assert _number(r["speedup"]) and r["target"] == 2.0 and isinstance(r["decode"], str)
+        assert len(r["runs_per_worker_per_s"]) == 2 and r["per_worker_per_s"] in r["runs_per_worker_per_s"]
 
 
 def test_retrieve_benchmark_compares_exact_search_and_every_faiss_index(tmp_path):
