@@ -40,11 +40,13 @@ def test_benchmark_script_runs_every_task_and_checks_itself(tmp_path):
         assert flops[f"{side}_flops_per_sample"] > 0 and flops[f"{side}_saved_bytes_per_sample"] > 0
         assert 0 < flops[f"{side}_kernel_ops_per_token"] < flops[f"{side}_ops_per_token"]
         assert flops[f"{side}_saved_with_params_per_sample"] > flops[f"{side}_saved_bytes_per_sample"]
+        assert flops[f"{side}_saved_tensors_per_sample"] >= flops[f"{side}_saved_with_params_per_sample"]
     for row in ("flops", "saved", "ops"):
         assert _number(flops[f"{row}_ratio"]) and _number(flops[f"{row}_target"])
         assert isinstance(flops[f"{row}_met"], bool)
+    assert _number(flops["saved_tensors_ratio"])
     for figure in ("training GFLOPs/sample", "saved for backward MB/sample", "with the parameters it saves",
-                   "aten ops/token", "of which not views", "host syncs/token"):
+                   "per saved tensor, as the issue counts", "aten ops/token", "of which not views", "host syncs/token"):
         assert figure in result.stdout
 
     # loader: every decode path with the worker count, the first one the baseline
@@ -54,6 +56,25 @@ def test_benchmark_script_runs_every_task_and_checks_itself(tmp_path):
         assert r["samples"] == 60 and _number(r["per_worker_per_s"]) and r["per_worker_per_s"] > 0  # 64 - warm-up
         assert _number(r["speedup"]) and r["target"] == 2.0 and isinstance(r["decode"], str)
         assert len(r["runs_per_worker_per_s"]) == 2 and r["per_worker_per_s"] in r["runs_per_worker_per_s"]
+
+
+def test_saved_bytes_counts_a_buffer_once_and_the_issues_count_each_view():
+    """Activations count each storage once without parameters; issue 14's count takes every
+    saved tensor at its size, views of one buffer and the parameters included."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench
+
+    layer = torch.nn.Linear(4, 3, bias=False)  # weight: 12 floats, 48 bytes
+    x = torch.randn(5, 4, requires_grad=True)
+    saved = bench.SavedBytes(layer)
+    with saved.hooks():
+        h = x.exp()  # saves h: 20 floats, 80 bytes
+        loss = (h[:, :2] * h[:, 2:]).sum() + layer(h).sum()  # two 40-byte views of h; h and weight.t()
+    loss.backward()
+    assert saved.bytes == 80 and saved.param_bytes == 48
+    assert saved.tensor_bytes == 80 + 40 + 40 + 48
 
 
 def test_retrieve_benchmark_compares_exact_search_and_every_faiss_index(tmp_path):
