@@ -26,7 +26,8 @@ Independent of the machine's load, so they can be compared across runs.
 loader: ``coca train``'s webdataset loader on real JPEGs (COCO-sized crops of scikit-image's
 photos) with the training augmentation: decoded samples/s in all and per worker. ``coca
 train`` logs ``data_wait``, the share of time the loop waited for batches, to show it keeps up.
-Each JPEG decode path (``decode_paths``) runs on the same shards, the first one the baseline.
+Each JPEG decode path (``decode_paths``) runs on the same shards, the first one the baseline;
+the others also with their uint8 batches left for the training device to normalise, as on a GPU.
 
 Both models get identical weights (open_clip's is re-randomised with a seeded normal, then
 copied into ours with ``load_state_dict(strict=True)``). Needs open_clip and transformers
@@ -482,10 +483,13 @@ def decode_paths() -> dict:
     return {"previous": lambda: mock.patch.object(transforms, "REDUCED_DECODE", False), "new": nullcontext}
 
 
-def bench_loader(spec: str, workers: int, batch: int, samples: int, size: int = 224) -> dict:
+def bench_loader(spec: str, workers: int, batch: int, samples: int, size: int = 224,
+                 on_device: bool = False) -> dict:
     """Decoded, augmented samples/s of ``coca train``'s shard loader (TrainData) with ``workers``
     (0: in this process), as the training loop takes them: normalised float32 tensors (a batch
-    of uint8 crops is converted in this process, inside the timing)."""
+    of uint8 crops is converted in this process, inside the timing). With ``on_device`` batches
+    are taken as a GPU trainer takes them: uint8 crops are left for the training device to
+    normalise, which is not work for this machine's cores."""
     from functools import partial
 
     from coca_cli.data.datasets import DataConfig, TrainData
@@ -496,60 +500,60 @@ def bench_loader(spec: str, workers: int, batch: int, samples: int, size: int = 
     data = TrainData(cfg, image_transform(size, is_train=True), partial(tokenize, context_length=77))
     batches = data.epoch(0)
     next(batches)  # warm-up: workers started and filling
-    start, count, converting = time.perf_counter(), 0, 0.0
+    start, count = time.perf_counter(), 0
     for b in batches:
-        begun = time.perf_counter()
-        count += len(b.images.to("cpu", torch.float32))
-        converting += time.perf_counter() - begun
-    seconds = time.perf_counter() - start
+        count += len(b.images) if on_device else len(b.images.to("cpu", torch.float32))
+    rate = count / (time.perf_counter() - start)
     batches.close()
-    rate = count / seconds
-    # In one process every step is serial, so the rate of batches ready for a training device (which
-    # normalises uint8 crops itself, at no cost to the loader) is that of the time outside ``.to``.
-    device_ready = count / (seconds - converting) if workers == 0 else None
     return {"task": "loader", "model": "-", "device": "cpu", "batch": batch, "dtype": "-", "workers": workers,
-            "samples": count, "ours_per_s": rate, "per_worker_per_s": rate / max(workers, 1),
-            "device_ready_per_s": device_ready, "ok": True}
+            "samples": count, "ours_per_s": rate, "per_worker_per_s": rate / max(workers, 1), "ok": True}
 
 
 def _loader_verdict(speedup: float) -> str:
     return f"target >= {LOADER_TARGET:.0f}x: {'met' if speedup >= LOADER_TARGET else 'NOT met'}"
 
 
+def _median_run(results: list[dict]) -> dict:
+    """The run of median rate (the lower one of an even count)."""
+    return sorted(results, key=lambda run: run["per_worker_per_s"])[(len(results) - 1) // 2]
+
+
 def bench_loaders(worker_counts: list[int], batch: int, samples: int, repeats: int = 1) -> list[dict]:
     """Every decode path with every worker count on the same shards; each row's ``speedup`` is its
-    per-core rate over the baseline path's with as many workers (issue 14: >= 2x). With ``repeats``
-    the paths alternate that many times and each row holds the run of median rate: a run of a few
-    seconds moves by +-15% on a shared machine."""
+    per-core rate over the baseline path's with as many workers (issue 14: >= 2x). Paths other
+    than the baseline are also run ``on_device`` (``device_ready_speedup``); the baseline's
+    samples are normalised floats already. With ``repeats`` the runs alternate that many times and
+    each figure is the run of median rate: a run of a few seconds moves by +-15% on a shared machine."""
     import tempfile
 
     rows, paths = [], decode_paths()
     baseline = next(iter(paths))
+    runs_of = [(path, False) for path in paths] + [(path, True) for path in paths if path != baseline]
     with tempfile.TemporaryDirectory() as tmp:
         spec = photo_shards(Path(tmp), samples)
         for workers in worker_counts:
-            runs = {path: [] for path in paths}
+            runs = {run: [] for run in runs_of}
             for _ in range(repeats):
-                for path, context in paths.items():
-                    with context():
-                        runs[path].append(bench_loader(spec, workers, batch, samples))
-            for path, results in runs.items():
-                r = sorted(results, key=lambda run: run["per_worker_per_s"])[(len(results) - 1) // 2]
-                r["runs_per_worker_per_s"] = [run["per_worker_per_s"] for run in results]
-                if path == baseline:
-                    base_rate = r["per_worker_per_s"]
+                for path, on_device in runs_of:
+                    with paths[path]():
+                        runs[path, on_device].append(bench_loader(spec, workers, batch, samples, on_device=on_device))
+            base_rate = _median_run(runs[baseline, False])["per_worker_per_s"]
+            for path in paths:
+                r = _median_run(runs[path, False])
+                r["runs_per_worker_per_s"] = [run["per_worker_per_s"] for run in runs[path, False]]
                 speedup = r["per_worker_per_s"] / base_rate
                 r.update(decode=path, speedup=speedup, target=LOADER_TARGET)
                 r["check"] = f"{path} decode, {workers} workers: {r['per_worker_per_s']:.0f} samples/s per core"
                 if repeats > 1:
                     r["check"] += f" (median of {repeats})"
                 if path != baseline:
-                    r["check"] += f", {speedup:.2f}x {baseline} ({_loader_verdict(speedup)})"
-                    if r["device_ready_per_s"] is not None:
-                        ready = r["device_ready_per_s"] / base_rate
-                        r["device_ready_speedup"] = ready
-                        r["check"] += (f"; normalised on the training device instead: {r['device_ready_per_s']:.0f}"
-                                       f"/s, {ready:.2f}x ({_loader_verdict(ready)})")
+                    ready = _median_run(runs[path, True])
+                    r["device_ready_per_s"] = ready["per_worker_per_s"]
+                    r["runs_device_ready_per_worker_per_s"] = [run["per_worker_per_s"] for run in runs[path, True]]
+                    r["device_ready_speedup"] = ready["per_worker_per_s"] / base_rate
+                    r["check"] += (f", {speedup:.2f}x {baseline} ({_loader_verdict(speedup)}); normalised on the "
+                                   f"training device instead: {r['device_ready_per_s']:.0f}/s per core, "
+                                   f"{r['device_ready_speedup']:.2f}x ({_loader_verdict(r['device_ready_speedup'])})")
                 rows.append(r)
                 print(f"{'loader':<9}{'-':<15}{'cpu':<7}{batch:>6}  {'-':<9}{r['ours_per_s']:>9.1f}{'-':>12}"
                       f"{speedup:>7.2f}x  {'-':<17}{r['check']}", flush=True)

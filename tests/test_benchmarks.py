@@ -56,6 +56,10 @@ def test_benchmark_script_runs_every_task_and_checks_itself(tmp_path):
         assert r["samples"] == 60 and _number(r["per_worker_per_s"]) and r["per_worker_per_s"] > 0  # 64 - warm-up
         assert _number(r["speedup"]) and r["target"] == 2.0 and isinstance(r["decode"], str)
         assert len(r["runs_per_worker_per_s"]) == 2 and r["per_worker_per_s"] in r["runs_per_worker_per_s"]
+    for r in loaders[1:]:  # the new paths also as a GPU trainer takes them: uint8, normalised there
+        assert len(r["runs_device_ready_per_worker_per_s"]) == 2
+        assert r["device_ready_per_s"] in r["runs_device_ready_per_worker_per_s"]
+        assert r["device_ready_speedup"] == r["device_ready_per_s"] / loaders[0]["per_worker_per_s"]
 
 
 def test_saved_bytes_counts_a_buffer_once_and_the_issues_count_each_view():
