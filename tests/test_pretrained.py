@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from coca_cli import list_pretrained
-from coca_cli.weights.pretrained import hub_repo
+from coca_cli.weights.pretrained import default_weights, hub_repo
 from conftest import ROOT, openclip_reference
 from hub_server import HubServer
 
@@ -75,6 +75,31 @@ def test_published_tag_downloads_from_laion_repository(tmp_path, hub_files):
         assert result.returncode == 0, result.stderr
         assert "models--laion--CoCa-ViT-B-32-laion2B-s13B-b90k" in result.stdout
         assert hub.downloads("open_clip_pytorch_model.bin") == 1
+
+
+def test_hub_model_names_load_their_own_weights_without_a_default_tag(tmp_path, hub_files):
+    """``--model hf-hub:org/repo`` without --pretrained: the repository's weights, with no word
+    about the command's default tag (open_clip ignores ``pretrained`` for such names)."""
+    _, files = hub_files
+    image = ROOT / "examples" / "images" / "astronaut.jpg"
+    with HubServer(files) as hub:
+        env = dict(os.environ, HF_ENDPOINT=hub.url, HF_HUB_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="0")
+        for command in (["caption", image, "--seq-len", "8", "--json"], ["classify", image, "--labels", "dog,cat"],
+                        ["retrieve", "--images", image, "--query", "a dog", "--html", tmp_path / "page.html"]):
+            result = _coca([*command, "--model", "hf-hub:someone/coca-tiny", "--device", "cpu"], env)
+            assert result.returncode == 0, result.stderr
+            assert "ignored" not in result.stderr and "Warning" not in result.stderr, result.stderr
+            assert json.loads(result.stdout.splitlines()[0])
+        assert "someone/coca-tiny" in (tmp_path / "page.html").read_text()
+        assert hub.downloads("open_clip_pytorch_model.bin") == 1
+
+
+def test_default_weights_follow_the_job_unless_the_model_name_brings_its_own():
+    assert default_weights(None, None, captioning=True) == ("coca_ViT-L-14", "mscoco_finetuned_laion2b_s13b_b90k")
+    assert default_weights("coca_ViT-B-32", None, captioning=False) == ("coca_ViT-B-32", "laion2b_s13b_b90k")
+    assert default_weights("coca_ViT-B-32", "w.pt", captioning=True) == ("coca_ViT-B-32", "w.pt")
+    for name in ("hf-hub:someone/coca-tiny", "local-dir:/weights"):
+        assert default_weights(name, None, captioning=True) == (name, None)
 
 
 @pytest.mark.parametrize("how", ["offline-mode", "unreachable"])

@@ -73,15 +73,13 @@ def caption_command(
 
     paths = collect_images(inputs) if inputs else []  # before torch is imported: a typo is reported at once
     from ..model.generation import validate_options
-    from ..weights.pretrained import DEFAULT_CAPTION_MODEL, DEFAULT_CAPTION_PRETRAINED
+    from ..weights.pretrained import default_weights
 
     generation = dict(generation_type=generation_type, seq_len=seq_len, min_seq_len=min_seq_len, num_beams=num_beams,
                       num_beam_groups=num_beam_groups, top_k=top_k, top_p=top_p, temperature=temperature,
                       repetition_penalty=repetition_penalty)
     validate_options(spell=generation_option, **generation)
-    if pretrained is None:
-        pretrained = DEFAULT_CAPTION_PRETRAINED
-        model = model or DEFAULT_CAPTION_MODEL
+    model, pretrained = default_weights(model, pretrained, captioning=True)
     load = dict(model_name=model, pretrained=pretrained, precision=precision, compile=compile)
     scoring = dict(score=score or candidates > 1, candidates=candidates)
     if data is not None:

@@ -19,14 +19,17 @@ from .options import (BatchSizeOption, ContrastivePretrainedOption, DeviceOption
 
 # -- shared by classify, retrieve and eval ------------------------------------------------------
 
-def with_defaults(model: Optional[str], pretrained: Optional[str]) -> tuple[Optional[str], str]:
-    """Without --pretrained: the LAION weights, not the MSCOCO fine-tune, which captions better
-    but has lost much of its zero-shot and retrieval skill."""
-    from ..weights.pretrained import DEFAULT_CONTRASTIVE_MODEL, DEFAULT_CONTRASTIVE_PRETRAINED
+def with_defaults(model: Optional[str], pretrained: Optional[str]) -> tuple[Optional[str], Optional[str]]:
+    """The contrastive commands' (model, pretrained): without --pretrained, the LAION weights."""
+    from ..weights.pretrained import default_weights
 
-    if pretrained is None:
-        return model or DEFAULT_CONTRASTIVE_MODEL, DEFAULT_CONTRASTIVE_PRETRAINED
-    return model, pretrained
+    return default_weights(model, pretrained, captioning=False)
+
+
+def weights_name(model: Optional[str], pretrained: Optional[str]) -> str:
+    """The weights the contrastive commands load, as results name them."""
+    model, pretrained = with_defaults(model, pretrained)
+    return pretrained or str(model)
 
 
 def load_contrastive(model: Optional[str], pretrained: Optional[str], device: str, precision: str):

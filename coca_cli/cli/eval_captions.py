@@ -87,10 +87,9 @@ def captions_command(
                           num_beams=num_beams, num_beam_groups=num_beam_groups, top_k=top_k, top_p=top_p,
                           temperature=temperature, repetition_penalty=repetition_penalty)
         validate_options(spell=generation_option, **generation)  # before the model loads
-        if pretrained is None:
-            from ..weights.pretrained import DEFAULT_CAPTION_MODEL, DEFAULT_CAPTION_PRETRAINED
+        from ..weights.pretrained import default_weights
 
-            model, pretrained = model or DEFAULT_CAPTION_MODEL, DEFAULT_CAPTION_PRETRAINED
+        model, pretrained = default_weights(model, pretrained, captioning=True)
         captions, failed, model, generation = _generate(references, model, pretrained, device, precision,
                                                         batch_size, workers, seed, generation)
     missing = len([p for p in references.images if p not in captions]) if predictions is not None else 0

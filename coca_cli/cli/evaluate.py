@@ -13,7 +13,7 @@ from rich.text import Text
 
 from ..data.inputs import require_path
 from . import app, err_console, stdout_format
-from .classify import embed_batches, fail_if_skipped, load_contrastive, require_features, with_defaults
+from .classify import embed_batches, fail_if_skipped, load_contrastive, require_features, weights_name
 from .options import (BatchSizeOption, CaptionKeyOption, ContrastivePretrainedOption, DeviceOption, FormatOption,
                       ImgKeyOption, ModelOption, PrecisionOption, SeparatorOption, TemplatesOption, WorkersOption)
 
@@ -66,8 +66,8 @@ def zeroshot_command(
     table = Table("images", "classes", "top-1 accuracy", "top-5 accuracy")
     table.add_row(str(len(found.paths)), str(len(folder.classnames)),
                   *(_percent(metrics[f"top{k}_zeroshot_accuracy"]) for k in (1, 5)))
-    result = _result("zeroshot_classification", data, net, pretrained, metrics, images=len(found.paths),
-                     classes=len(folder.classnames), skipped=len(found.failures))
+    result = _result("zeroshot_classification", data, net, weights_name(model, pretrained), metrics,
+                     images=len(found.paths), classes=len(folder.classnames), skipped=len(found.failures))
     _report(f"zero-shot classification: {data}", table, fmt, result, output)
     fail_if_skipped(len(found.failures), len(folder.paths))
 
@@ -114,8 +114,8 @@ def retrieval_command(
     table = Table("direction", "R@1", "R@5", "R@10")
     for direction, name in (("image→text", "text_retrieval"), ("text→image", "image_retrieval")):
         table.add_row(direction, *(_percent(metrics[f"{name}_recall@{k}"]) for k in (1, 5, 10)))
-    result = _result("zeroshot_retrieval", data, net, pretrained, metrics, images=len(pairs.images),
-                     captions=len(pairs.captions), skipped=len(found.failures))
+    result = _result("zeroshot_retrieval", data, net, weights_name(model, pretrained), metrics,
+                     images=len(pairs.images), captions=len(pairs.captions), skipped=len(found.failures))
     _report(f"retrieval: {data} ({len(pairs.images)} images, {len(pairs.captions)} captions)", table, fmt, result,
             output)
     fail_if_skipped(len(found.failures), len(found.paths) + len(found.failures))
@@ -125,10 +125,10 @@ def _percent(value: Optional[float]) -> str:
     return "n/a" if value is None else f"{100 * value:.2f}%"
 
 
-def _result(task: str, data: Path, net, pretrained: Optional[str], metrics: dict, **counts) -> dict:
+def _result(task: str, data: Path, net, weights: str, metrics: dict, **counts) -> dict:
     """CLIP_benchmark's result layout. The model is named by its config, so a weights folder or
     checkpoint given alone still says which model it holds."""
-    return {"dataset": str(data), "model": net.config.name, "pretrained": with_defaults(None, pretrained)[1],
+    return {"dataset": str(data), "model": net.config.name, "pretrained": weights,
             "task": task, "metrics": metrics, **counts}
 
 

@@ -14,7 +14,7 @@ from rich.text import Text
 from ..errors import CocaError
 from . import app, err_console, stdout_format
 from .classify import (check_output_file, embed_batches, fail_if_skipped, load_contrastive, require_features,
-                       result_sink, with_defaults)
+                       result_sink, weights_name)
 from .options import (BatchSizeOption, ContrastivePretrainedOption, DeviceOption, FormatOption, ModelOption,
                       PrecisionOption, ResultsFileOption, WorkersOption)
 
@@ -109,7 +109,7 @@ def retrieve_command(
         for ranking in rankings:
             emit(ranking)
     if html is not None:
-        write_results_page(html, rankings, net.config.name, with_defaults(model, pretrained)[1])
+        write_results_page(html, rankings, net.config.name, weights_name(model, pretrained))
         err_console.print(f"wrote {html}")
     if unsaved is not None:
         raise unsaved

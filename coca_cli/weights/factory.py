@@ -21,7 +21,7 @@ from .checkpoint import (find_weights, load_tower_weights, load_weights as load_
 from ..model.config import CoCaConfig, get_model_config, parameter_counts
 from ..errors import CocaError
 from ..model.coca import CoCa
-from .pretrained import HF_HUB_PREFIX, resolve
+from .pretrained import HF_HUB_PREFIX, LOCAL_DIR_PREFIX, resolve
 from ..data.tokenizer import DEFAULT_CONTEXT_LENGTH, Tokenizer
 from ..data.transforms import PreprocessCfg, image_transform_v2
 
@@ -34,7 +34,6 @@ PRECISIONS = {
     "amp_bfloat16": (torch.float32, False), "fp16": (torch.float16, True), "bf16": (torch.bfloat16, True),
     "pure_fp16": (torch.float16, False), "pure_bf16": (torch.bfloat16, False),
 }
-LOCAL_DIR_PREFIX = "local-dir:"
 # What open_clip's **model_kwargs may hold: config fields, replaced whole, and CoCa's other keywords.
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(CoCaConfig)} - {"name"}
 CONSTRUCTOR_OPTIONS = ("nonscalar_logit_scale", "pad_id")

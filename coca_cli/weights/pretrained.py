@@ -33,6 +33,19 @@ DEFAULT_CAPTION_MODEL = "coca_ViT-L-14"
 DEFAULT_CAPTION_PRETRAINED = "mscoco_finetuned_laion2b_s13b_b90k"
 DEFAULT_CONTRASTIVE_MODEL = "coca_ViT-L-14"
 DEFAULT_CONTRASTIVE_PRETRAINED = "laion2b_s13b_b90k"  # the MSCOCO fine-tunes lost their contrastive skill
+LOCAL_DIR_PREFIX = "local-dir:"
+
+
+def default_weights(model: Optional[str], pretrained: Optional[str], *,
+                    captioning: bool) -> tuple[Optional[str], Optional[str]]:
+    """(model, pretrained) a command loads: without ``pretrained``, the published weights for the
+    job (the MSCOCO fine-tune captions better; it has lost much of the LAION weights' zero-shot
+    and retrieval skill), unless the model name brings its own (``hf-hub:``, ``local-dir:``)."""
+    if pretrained is not None or str(model or "").startswith((HF_HUB_PREFIX, LOCAL_DIR_PREFIX)):
+        return model, pretrained
+    if captioning:
+        return model or DEFAULT_CAPTION_MODEL, DEFAULT_CAPTION_PRETRAINED
+    return model or DEFAULT_CONTRASTIVE_MODEL, DEFAULT_CONTRASTIVE_PRETRAINED
 
 
 def list_pretrained() -> list[tuple[str, str]]:
