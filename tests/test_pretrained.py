@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -92,6 +93,22 @@ def test_hub_model_names_load_their_own_weights_without_a_default_tag(tmp_path, 
             assert json.loads(result.stdout.splitlines()[0])
         assert "someone/coca-tiny" in (tmp_path / "page.html").read_text()
         assert hub.downloads("open_clip_pytorch_model.bin") == 1
+
+
+def test_library_warnings_reach_the_terminal_as_one_line(tmp_path, hub_files, capsys):
+    """--pretrained beside a model name that brings its weights is ignored, as open_clip does; the
+    library's UserWarning says so in one line, and Python's own display is back afterwards."""
+    from coca_cli.cli import main
+
+    before = warnings.showwarning
+    image = ROOT / "examples" / "images" / "astronaut.jpg"
+    code = main(["caption", str(image), "--model", f"local-dir:{tmp_path}", "--pretrained", "laion2b_s13b_b90k",
+                 "--seq-len", "8", "--device", "cpu"])
+    out, err = capsys.readouterr()
+    assert code == 0 and out.startswith(str(image))
+    assert err.splitlines() == [f"warning: pretrained='laion2b_s13b_b90k' is ignored: model 'local-dir:{tmp_path}' "
+                                "brings its own weights"]
+    assert warnings.showwarning is before
 
 
 def test_default_weights_follow_the_job_unless_the_model_name_brings_its_own():

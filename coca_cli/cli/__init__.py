@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from enum import Enum
 from typing import Optional
 
@@ -175,7 +176,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     """Entry point: user errors become one line on stderr and an exit code, never a traceback."""
     command = typer.main.get_command(app)
     try:
-        with _sigterm_as_interrupt():
+        with _sigterm_as_interrupt(), warnings.catch_warnings():
+            warnings.showwarning = _warning_line
             result = command.main(args=argv, prog_name="coca", standalone_mode=False)
         return result if isinstance(result, int) else 0
     except CocaError as err:
@@ -217,6 +219,13 @@ def _sigterm_as_interrupt():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """Python warnings (ours and our dependencies') as one line each, like the commands' own, not
+    Python's two (``file:line: UserWarning: ...`` and the source line)."""
+    text = str(message).strip()
+    print(f"warning: {text.splitlines()[0] if text else category.__name__}", file=sys.stderr)
 
 
 def _fail(message: str, code: int) -> int:
