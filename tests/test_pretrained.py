@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -117,6 +118,53 @@ def test_default_weights_follow_the_job_unless_the_model_name_brings_its_own():
     assert default_weights("coca_ViT-B-32", "w.pt", captioning=True) == ("coca_ViT-B-32", "w.pt")
     for name in ("hf-hub:someone/coca-tiny", "local-dir:/weights"):
         assert default_weights(name, None, captioning=True) == (name, None)
+
+
+def test_a_hub_name_that_does_not_resolve_means_the_cache_at_once(tmp_path, hub_files, monkeypatch):
+    """No DNS (no network): huggingface_hub would retry ~25 s before falling back to its cache or
+    failing; the cache is read at once instead, and an empty one fails in one line. With a proxy
+    set, names are the proxy's to resolve, so no verdict is drawn from our resolver."""
+    import socket
+
+    import huggingface_hub
+
+    from coca_cli.errors import CocaError
+    from coca_cli.weights import pretrained
+
+    _, files = hub_files
+    cache = tmp_path / "cache"
+    with HubServer(files) as hub:  # into the cache, as an earlier run with network would have
+        env = dict(os.environ, HF_ENDPOINT=hub.url, HF_HUB_OFFLINE="0")
+        code = ("from coca_cli.weights.pretrained import download; "
+                f"print(download('someone/coca-tiny', {str(cache)!r}))")
+        result = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+    online = Path(result.stdout.strip())
+
+    asked = []
+    real_download = huggingface_hub.hf_hub_download
+
+    def spy(*args, **kwargs):
+        asked.append(kwargs.get("local_files_only"))
+        return real_download(*args, **kwargs)
+
+    def no_dns(host, *args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # conftest sets it; users do not
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", spy)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "https://hub.example")
+    monkeypatch.setattr(pretrained.socket, "getaddrinfo", no_dns)
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    assert pretrained.download("someone/coca-tiny", cache_dir=str(cache)) == online
+    assert asked and all(asked)  # the cache only, never the network
+    with pytest.raises(CocaError, match=r"^cannot download weights from Hugging Face \(someone/other\): no network "
+                                        r"or hub unreachable \(gaierror\)"):
+        pretrained.download("someone/other", cache_dir=str(cache))
+
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    assert pretrained._unresolved_hub() is None
 
 
 @pytest.mark.parametrize("how", ["offline-mode", "unreachable"])

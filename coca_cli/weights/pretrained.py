@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 from pathlib import Path
 from typing import Optional
 
@@ -91,14 +92,39 @@ def download(repo: str, cache_dir: Optional[str] = None) -> Path:
     error telling how to pass a local file instead.
     """
     cache_dir = cache_dir or os.environ.get("COCA_CACHE_DIR")
+    unresolved = _unresolved_hub()
     with _quiet_hub():
-        weights = _first_available(repo, (OPENCLIP_SAFE_WEIGHTS, OPENCLIP_WEIGHTS), cache_dir)
-        _first_available(repo, (OPENCLIP_CONFIG,), cache_dir, required=False)  # published CoCa repos may lack it
+        weights = _first_available(repo, (OPENCLIP_SAFE_WEIGHTS, OPENCLIP_WEIGHTS), cache_dir, unresolved)
+        _first_available(repo, (OPENCLIP_CONFIG,), cache_dir, unresolved, required=False)  # CoCa repos may lack it
     return weights.parent
 
 
-def _first_available(repo: str, filenames, cache_dir, required: bool = True) -> Optional[Path]:
-    """The first of ``filenames`` the repository has, downloaded (or found in the cache).
+def _unresolved_hub() -> Optional[OSError]:
+    """Why the hub's host name does not resolve here, or None when it does (or a proxy resolves
+    names for us). huggingface_hub retries a failed connection with backoff for ~23 s before it
+    gives up or falls back to its cache; a name that does not resolve means no network, so the
+    cache is all there is, and it is read at once."""
+    from urllib.parse import urlparse
+    from urllib.request import getproxies
+
+    from huggingface_hub import constants
+
+    host = urlparse(constants.ENDPOINT).hostname
+    if not host or getproxies():
+        return None
+    try:
+        socket.getaddrinfo(host, None)
+    except socket.gaierror as err:
+        return err
+    except (OSError, UnicodeError):  # anything else: let huggingface_hub find out
+        return None
+    return None
+
+
+def _first_available(repo: str, filenames, cache_dir, unresolved: Optional[OSError] = None,
+                     required: bool = True) -> Optional[Path]:
+    """The first of ``filenames`` the repository has, downloaded (or found in the cache; only
+    there when the hub's name is ``unresolved``).
 
     Only huggingface_hub's own exceptions are named: its transport library (requests in 0.x,
     httpx later) is not our dependency and changes between versions. A file the hub says it
@@ -111,11 +137,11 @@ def _first_available(repo: str, filenames, cache_dir, required: bool = True) -> 
     not_cached = None
     for filename in filenames:
         try:
-            return Path(hf_hub_download(repo, filename, cache_dir=cache_dir))
+            return Path(hf_hub_download(repo, filename, cache_dir=cache_dir, local_files_only=unresolved is not None))
         except LocalEntryNotFoundError as err:  # not in the cache, and the hub was not asked or not reached
             if err.__cause__ is not None and not isinstance(err.__cause__, OfflineModeIsEnabled):
                 raise _offline(repo, err.__cause__) from None
-            not_cached = err  # offline mode: another candidate may be cached
+            not_cached = unresolved or err  # offline: another candidate may be cached
         except EntryNotFoundError:
             continue
         except Exception as err:  # noqa: BLE001 - transport errors have no common base across versions
