@@ -272,6 +272,7 @@ def generate(model, image: torch.Tensor, text: Optional[torch.Tensor] = None, se
 
     was_training = model.training
     model.eval()
+    stepper = None
     try:
         with torch.inference_mode(), packed_linears(enabled=not compile):  # compiled: Inductor's own kernels
             image_latent, image_embs = model._encode_image(image)
@@ -282,27 +283,26 @@ def generate(model, image: torch.Tensor, text: Optional[torch.Tensor] = None, se
             else:
                 stepper = FullRecompute(model, image_latent, image_embs, limit)
 
-            try:
-                if generation_type == "beam_search":
-                    out = beam_search(stepper, image.shape[0], device, sot=sot, eos_ids=eos_ids, pad=pad,
-                                       num_beams=num_beams, num_beam_groups=num_beam_groups, min_seq_len=min_seq_len,
-                                       repetition_penalty=repetition_penalty, criteria=criteria)
-                    if fixed_output_length and out.shape[1] < seq_len:
-                        out = torch.cat([out, out.new_full((out.shape[0], seq_len - out.shape[1]), pad)], dim=1)
+            if generation_type == "beam_search":
+                out = beam_search(stepper, image.shape[0], device, sot=sot, eos_ids=eos_ids, pad=pad,
+                                   num_beams=num_beams, num_beam_groups=num_beam_groups, min_seq_len=min_seq_len,
+                                   repetition_penalty=repetition_penalty, criteria=criteria)
+                if fixed_output_length and out.shape[1] < seq_len:
+                    out = torch.cat([out, out.new_full((out.shape[0], seq_len - out.shape[1]), pad)], dim=1)
+            else:
+                if generation_type == "top_k":
+                    warp = functools.partial(keep_top_k, k=top_k)
                 else:
-                    if generation_type == "top_k":
-                        warp = functools.partial(keep_top_k, k=top_k)
-                    else:
-                        warp = functools.partial(keep_top_p, p=top_p)
-                    out = _sample(stepper, prompt, seq_len=seq_len, max_seq_len=max_seq_len, temperature=temperature,
-                                  warp=warp, eos_ids=eos_ids, pad=pad, min_seq_len=min_seq_len,
-                                  repetition_penalty=repetition_penalty, criteria=criteria,
-                                  fixed_output_length=fixed_output_length, generator=generator)
-                    if text is not None and text.dim() == 1:
-                        out = out.squeeze(0)
-            finally:
-                stepper.release()  # its KV caches' memory, for the next call
+                    warp = functools.partial(keep_top_p, p=top_p)
+                out = _sample(stepper, prompt, seq_len=seq_len, max_seq_len=max_seq_len, temperature=temperature,
+                              warp=warp, eos_ids=eos_ids, pad=pad, min_seq_len=min_seq_len,
+                              repetition_penalty=repetition_penalty, criteria=criteria,
+                              fixed_output_length=fixed_output_length, generator=generator)
+                if text is not None and text.dim() == 1:
+                    out = out.squeeze(0)
     finally:
+        if stepper is not None:
+            stepper.release()  # its KV caches' memory, for the next call
         model.train(was_training)
     # a normal tensor, not an inference tensor, so that it can go on into autograd (e.g. as targets)
     return out.clone()

@@ -80,7 +80,7 @@ class BufferPool:
 
     def take(self, like: torch.Tensor, shape, zero: bool = False) -> torch.Tensor:
         """A buffer of ``shape`` with ``like``'s dtype and device: a kept one, or a new one."""
-        free = self._free.get((tuple(shape), like.dtype, like.device))
+        free = self._free.get(self._key(shape, like))
         try:
             buffer = free.pop() if free else None
         except IndexError:  # another thread took the last one
@@ -93,8 +93,12 @@ class BufferPool:
         """Hold ``buffers`` for the next call, instead of whatever was held before."""
         free: dict[tuple, list[torch.Tensor]] = {}
         for buffer in buffers:
-            free.setdefault((tuple(buffer.shape), buffer.dtype, buffer.device), []).append(buffer)
+            free.setdefault(self._key(buffer.shape, buffer), []).append(buffer)
         self._free = free
+
+    @staticmethod
+    def _key(shape, like: torch.Tensor) -> tuple:
+        return tuple(shape), like.dtype, like.device
 
 
 class KVCache:
