@@ -121,7 +121,7 @@ def test_default_weights_follow_the_job_unless_the_model_name_brings_its_own():
 
 
 def test_a_hub_name_that_does_not_resolve_means_the_cache_at_once(tmp_path, hub_files, monkeypatch):
-    """No DNS (no network): huggingface_hub would retry ~25 s before falling back to its cache or
+    """No DNS (no network): huggingface_hub would retry ~23 s before falling back to its cache or
     failing; the cache is read at once instead, and an empty one fails in one line. With a proxy
     set, names are the proxy's to resolve, so no verdict is drawn from our resolver."""
     import socket
