@@ -7,6 +7,7 @@ import random
 import numpy as np
 import pytest
 import torch
+import torchvision.io
 from PIL import Image
 from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms import functional as TF
@@ -35,13 +36,13 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def boxes_drawn(monkeypatch) -> list:
     """Every region resized, as (top, left, height, width) in the decoded (maybe reduced) image."""
-    seen, crop = [], Image.Image.crop
+    seen, crop_resize = [], T.crop_resize
 
-    def spy_crop(image, box=None):  # cropped by Pillow, then resized as a tensor
-        seen.append((box[1], box[0], box[3] - box[1], box[2] - box[0]))
-        return crop(image, box)
+    def spy(pixels, top, left, height, width, *args):
+        seen.append((top, left, height, width))
+        return crop_resize(pixels, top, left, height, width, *args)
 
-    monkeypatch.setattr(Image.Image, "crop", spy_crop)
+    monkeypatch.setattr(T, "crop_resize", spy)
     return seen
 
 
@@ -82,6 +83,35 @@ def test_reduced_scale_is_used_on_coco_sized_photos(monkeypatch):
     transform = T.image_transform(224, is_train=True, aug_cfg={"scale": (1.0, 1.0)})
     seeded(transform, decode_image(data, lazy=True), 0)
     assert drafts == [(320, 240)]
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_whole_size_crops_are_decoded_by_torchvision_to_pillows_pixels(mode, monkeypatch):
+    """Where no DCT scaling keeps the crop, torchvision decodes the JPEG: the pixels Pillow decodes,
+    bit for bit, over chroma subsamplings, progressive and low quality; the transform gives the
+    same tensor when torchvision is gone (ImportError) or refuses the file (RuntimeError), Pillow
+    decoding it then; a JPEG opened by path, with no bytes at hand, is decoded by Pillow."""
+    for options in ({"subsampling": 0}, {"subsampling": 1}, {"subsampling": 2}, {"progressive": True}, {"quality": 40}):
+        buf = io.BytesIO()
+        Image.open(PHOTOS[1]).convert(mode).resize((333, 251)).save(buf, "JPEG", **options)
+        data = buf.getvalue()
+        assert torch.equal(T.jpeg_pixels(decode_image(data, lazy=True)), T.pil_pixels(decode_image(data))), options
+    transform = T.image_transform(224, is_train=True)
+    data = jpeg((384, 256), mode)  # too small for a reduced decode
+    decoded, real = [], T.torchvision_jpeg
+    monkeypatch.setattr(T, "torchvision_jpeg", lambda *a, **k: decoded.append(1) or real(*a, **k))
+    fast = seeded(transform, decode_image(data, lazy=True), 2)
+    assert decoded == [1]
+    monkeypatch.setattr(T, "torchvision_jpeg", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("refused")))
+    assert torch.equal(seeded(transform, decode_image(data, lazy=True), 2), fast)
+    monkeypatch.undo()
+    monkeypatch.delattr(torchvision.io, "decode_jpeg")  # a torchvision without it: Pillow, and no --gpu-decode
+    assert torch.equal(seeded(transform, decode_image(data, lazy=True), 2), fast)
+    assert T.gpu_decoding(transform, torch.device("cuda")) == (transform, "--gpu-decode needs torchvision.io."
+                                                                          "decode_jpeg, gone from this torchvision: decoding on the CPU")
+    monkeypatch.undo()
+    assert T.jpeg_pixels(Image.open(PHOTOS[0])) is None
+    assert seeded(transform, Image.open(PHOTOS[0]), 2).shape == (3, 224, 224)
 
 
 def test_old_path_switch_and_other_images_are_exact(monkeypatch):

@@ -318,7 +318,8 @@ def dct_scale(height: int, width: int, size: Tuple[int, int]) -> int:
 class ReducedRandomResizedCrop(RandomResizedCrop):
     """torchvision's RandomResizedCrop (same parameters, same random draws, same crop box), which,
     given a JPEG not decoded yet (``samples.decode_image(data, lazy=True)``), decodes it at the
-    smallest DCT scaling that keeps the crop at least the output size and resizes only the crop.
+    smallest DCT scaling that keeps the crop at least the output size (Pillow's ``draft``), or
+    whole with torchvision's decoder where no scaling does, and resizes only the crop.
     A decoded image takes torchvision's path, bit for bit as open_clip."""
 
     @staticmethod
@@ -373,17 +374,47 @@ class ReducedRandomResizedCrop(RandomResizedCrop):
             return super().forward(img)
         top, left, height, width = self.get_params(img, self.scale, self.ratio)  # in the full image
         scale = dct_scale(height, width, self.size)
-        if scale > 1:  # draft's box: the full image in the reduced one's coordinates
-            full_width = img.width
-            _, box = img.draft(img.mode, (img.width // scale, img.height // scale))
-            scale = full_width / box[2]
-        decode_pixels(img)
+        pixels = jpeg_pixels(img) if scale == 1 else None
+        if pixels is None:
+            if scale > 1:  # draft's box: the full image in the reduced one's coordinates
+                full_width = img.width
+                _, box = img.draft(img.mode, (img.width // scale, img.height // scale))
+                scale = full_width / box[2]
+            decode_pixels(img)
+            pixels = pil_pixels(img)
         # The box in whole decoded pixels: at a DCT reduction it moves by at most half a reduced
-        # pixel. Cropped by Pillow, the region arrives contiguous and channels last, the layout
-        # torch's vectorised uint8 resize reads without a copy (Pillow's own resize is ~2x slower).
-        box = tuple(round(v / scale) for v in (left, top, left + width, top + height))
-        region = pil_pixels(img.crop(box))
-        return crop_resize(region, 0, 0, region.shape[1], region.shape[2], self.size, self.interpolation)
+        # pixel. torch's uint8 resize reads the region in place (Pillow's own resize is ~2x slower).
+        bottom, right = round((top + height) / scale), round((left + width) / scale)
+        top, left = round(top / scale), round(left / scale)
+        return crop_resize(pixels, top, left, bottom - top, right - left, self.size, self.interpolation)
+
+
+def jpeg_pixels(img: Image.Image) -> Optional[torch.Tensor]:
+    """A lazily opened JPEG (RGB or L) decoded whole by torchvision as a uint8 (C, H, W) tensor:
+    Pillow's pixels (both are libjpeg-turbo), about 2x faster than Pillow's decode and copy out,
+    which go through its 4-byte pixels. None where torchvision does not read it (its decoder
+    gone from a later release, or a file it refuses): Pillow decodes it then, and decides whether
+    the sample is readable. libjpeg prints its own warning for a damaged file it can still read,
+    where Pillow is silent."""
+    data = getattr(img.fp, "getvalue", None)  # decode_image's bytes; a file opened by path has none
+    if data is None:
+        return None
+    try:
+        pixels = torchvision_jpeg(torch.frombuffer(bytearray(data()), dtype=torch.uint8), gray=img.mode == "L")
+    except (ImportError, RuntimeError):
+        return None
+    return pixels if pixels.shape[1:] == (img.height, img.width) else None
+
+
+def torchvision_jpeg(data, gray: bool = False, device: Union[str, torch.device] = "cpu"):
+    """torchvision's ``decode_jpeg`` (libjpeg-turbo on the CPU, nvjpeg on a GPU) of one uint8 tensor
+    of bytes or a list of them, RGB or gray, without the DeprecationWarning torchvision 0.29 gives
+    every call: its successor, torchcodec, is not a dependency."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return decode_jpeg(data, mode=ImageReadMode.GRAY if gray else ImageReadMode.RGB, device=device)
 
 
 def pil_pixels(img: Image.Image) -> torch.Tensor:
@@ -497,13 +528,11 @@ class DeferredDecode:
         """(N, 3, H, W) float32 on ``device``: the EncodedJpeg items decoded there (one batched
         ``decode_jpeg`` call), cropped, resized and normalised as the CPU transform does; the rest
         (images that are not JPEG, which the CPU transform made in the worker) copied over."""
-        from torchvision.io import ImageReadMode, decode_jpeg
-
         jpegs = [item for item in items if isinstance(item, EncodedJpeg)]
         if len(jpegs) < len(items):
             _warn_once("--gpu-decode: some training images are not JPEG; those are decoded on the CPU")
         try:
-            pixels = decode_jpeg([j.data for j in jpegs], mode=ImageReadMode.RGB, device=device) if jpegs else []
+            pixels = torchvision_jpeg([j.data for j in jpegs], device=device) if jpegs else []
         except RuntimeError:  # one JPEG the device cannot read fails the whole call: decode one by one
             pixels = [_decode_one(j.data, device) for j in jpegs]
         if any(image is None for image in pixels):
@@ -523,11 +552,9 @@ class DeferredDecode:
 def _decode_one(data: torch.Tensor, device: torch.device) -> Optional[torch.Tensor]:
     """A JPEG on ``device``, decoded there or else on the CPU (torchvision's libjpeg reads some files
     nvjpeg refuses); None if neither can."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-
     for where in (device, torch.device("cpu")):
         try:
-            return decode_jpeg(data, mode=ImageReadMode.RGB, device=where).to(device)
+            return torchvision_jpeg(data, device=where).to(device)
         except RuntimeError:
             continue
     return None
@@ -577,6 +604,10 @@ def gpu_decoding(transform, device: torch.device) -> Tuple[Any, Optional[str]]:
         return transform, f"--gpu-decode needs a CUDA device (training on {device.type}): decoding on the CPU"
     if not plain_crop_pipeline(transform):
         return transform, "--gpu-decode supports crop and normalisation only: decoding on the CPU"
+    try:
+        from torchvision.io import decode_jpeg  # noqa: F401 - deprecated since torchvision 0.29
+    except ImportError:
+        return transform, "--gpu-decode needs torchvision.io.decode_jpeg, gone from this torchvision: decoding on the CPU"
     return DeferredDecode(transform), None
 
 
