@@ -28,6 +28,8 @@ photos) with the training augmentation: decoded samples/s in all and per worker.
 train`` logs ``data_wait``, the share of time the loop waited for batches, to show it keeps up.
 Each JPEG decode path (``decode_paths``) runs on the same shards, the first one the baseline;
 the others also with their uint8 batches left for the training device to normalise, as on a GPU.
+``--loader-baseline DIR`` also runs the loader of another checkout (the package when an issue
+was filed: ``git worktree add DIR 85d07a5`` for issue 14's "today") in a process of its own.
 
 Both models get identical weights (open_clip's is re-randomised with a seeded normal, then
 copied into ours with ``load_state_dict(strict=True)``). Needs open_clip and transformers
@@ -40,10 +42,12 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Optional
 from unittest import mock
 
 import torch
@@ -62,6 +66,7 @@ from coca_cli.train.loss import CoCaLoss  # noqa: E402
 from coca_cli.model.coca import CoCa  # noqa: E402
 from coca_cli.train.config import TrainConfig  # noqa: E402
 from coca_cli.train.optim import make_optimizer, param_groups  # noqa: E402
+from loader_rate import loader_rate  # noqa: E402 - beside this file
 
 SOT, EOS = 49406, 49407
 LOSS_TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 5e-2}  # max relative difference of the curves
@@ -483,28 +488,20 @@ def decode_paths() -> dict:
     return {"previous": lambda: mock.patch.object(transforms, "REDUCED_DECODE", False), "new": nullcontext}
 
 
-def bench_loader(spec: str, workers: int, batch: int, samples: int, size: int = 224,
-                 on_device: bool = False) -> dict:
-    """Decoded, augmented samples/s of ``coca train``'s shard loader (TrainData) with ``workers``
-    (0: in this process), as the training loop takes them: normalised float32 tensors (a batch
-    of uint8 crops is converted in this process, inside the timing). With ``on_device`` batches
-    are taken as a GPU trainer takes them: uint8 crops are left for the training device to
-    normalise, which is not work for this machine's cores."""
-    from functools import partial
-
-    from coca_cli.data.datasets import DataConfig, TrainData
-    from coca_cli.data.tokenizer import tokenize
-    from coca_cli.data.transforms import image_transform
-
-    cfg = DataConfig(spec, workers=workers, batch_size=batch, num_samples=samples, shuffle_buffer=batch)
-    data = TrainData(cfg, image_transform(size, is_train=True), partial(tokenize, context_length=77))
-    batches = data.epoch(0)
-    next(batches)  # warm-up: workers started and filling
-    start, count = time.perf_counter(), 0
-    for b in batches:
-        count += len(b.images) if on_device else len(b.images.to("cpu", torch.float32))
-    rate = count / (time.perf_counter() - start)
-    batches.close()
+def bench_loader(spec: str, workers: int, batch: int, samples: int, on_device: bool = False,
+                 package: Optional[str] = None) -> dict:
+    """Decoded, augmented samples/s of ``coca train``'s shard loader (``loader_rate``) with
+    ``workers`` (0: in this process); with ``package``, that checkout's loader, run in a process of
+    its own (``loader_rate.py --package``)."""
+    if package is None:
+        count, rate = loader_rate(spec, workers, batch, samples, on_device=on_device)
+    else:
+        out = subprocess.run([sys.executable, str(Path(__file__).with_name("loader_rate.py")), "--package", package,
+                              spec, str(workers), str(batch), str(samples)], capture_output=True, text=True)
+        if out.returncode:
+            raise SystemExit(f"the loader of {package} failed:\n{out.stderr.strip()}")
+        measured = json.loads(out.stdout.strip().splitlines()[-1])
+        count, rate = measured["samples"], measured["per_s"]
     return {"task": "loader", "model": "-", "device": "cpu", "batch": batch, "dtype": "-", "workers": workers,
             "samples": count, "ours_per_s": rate, "per_worker_per_s": rate / max(workers, 1), "ok": True}
 
@@ -518,35 +515,47 @@ def _median_run(results: list[dict]) -> dict:
     return sorted(results, key=lambda run: run["per_worker_per_s"])[(len(results) - 1) // 2]
 
 
-def bench_loaders(worker_counts: list[int], batch: int, samples: int, repeats: int = 1) -> list[dict]:
+CHECKOUT = "checkout"  # bench_loaders' name for the loader of --loader-baseline's checkout
+
+
+def bench_loaders(worker_counts: list[int], batch: int, samples: int, repeats: int = 1,
+                  checkout: Optional[str] = None) -> list[dict]:
     """Every decode path with every worker count on the same shards; each row's ``speedup`` is its
     per-core rate over the baseline path's with as many workers (issue 14: >= 2x). Paths other
     than the baseline are also run ``on_device`` (``device_ready_speedup``); the baseline's
-    samples are normalised floats already. With ``repeats`` the runs alternate that many times and
-    each figure is the run of median rate: a run of a few seconds moves by +-15% on a shared machine."""
+    samples are normalised floats already. With ``checkout`` (another checkout of the package:
+    issue 14's "today" is 85d07a5) its loader runs too, first in each round, and the other paths'
+    rows also give their rates over its (``checkout_speedup``, ``device_ready_checkout_speedup``).
+    With ``repeats`` the runs alternate that many times and each figure is the run of median rate:
+    a run of a few seconds moves by +-15% on a shared machine."""
     import tempfile
 
     rows, paths = [], decode_paths()
     baseline = next(iter(paths))
     runs_of = [(path, False) for path in paths] + [(path, True) for path in paths if path != baseline]
+    if checkout:
+        runs_of.insert(0, (CHECKOUT, False))
     with tempfile.TemporaryDirectory() as tmp:
         spec = photo_shards(Path(tmp), samples)
         for workers in worker_counts:
             runs = {run: [] for run in runs_of}
             for _ in range(repeats):
                 for path, on_device in runs_of:
-                    with paths[path]():
-                        runs[path, on_device].append(bench_loader(spec, workers, batch, samples, on_device=on_device))
+                    with nullcontext() if path == CHECKOUT else paths[path]():
+                        runs[path, on_device].append(bench_loader(spec, workers, batch, samples, on_device=on_device,
+                                                                  package=checkout if path == CHECKOUT else None))
             base_rate = _median_run(runs[baseline, False])["per_worker_per_s"]
-            for path in paths:
+            checkout_rate = _median_run(runs[CHECKOUT, False])["per_worker_per_s"] if checkout else None
+            for path in ([CHECKOUT] if checkout else []) + list(paths):
                 r = _median_run(runs[path, False])
                 r["runs_per_worker_per_s"] = [run["per_worker_per_s"] for run in runs[path, False]]
                 speedup = r["per_worker_per_s"] / base_rate
-                r.update(decode=path, speedup=speedup, target=LOADER_TARGET)
-                r["check"] = f"{path} decode, {workers} workers: {r['per_worker_per_s']:.0f} samples/s per core"
+                r.update(decode=f"{CHECKOUT} {checkout}" if path == CHECKOUT else path, speedup=speedup,
+                         target=LOADER_TARGET)
+                r["check"] = f"{r['decode']} decode, {workers} workers: {r['per_worker_per_s']:.0f} samples/s per core"
                 if repeats > 1:
                     r["check"] += f" (median of {repeats})"
-                if path != baseline:
+                if path not in (baseline, CHECKOUT):
                     ready = _median_run(runs[path, True])
                     r["device_ready_per_s"] = ready["per_worker_per_s"]
                     r["runs_device_ready_per_worker_per_s"] = [run["per_worker_per_s"] for run in runs[path, True]]
@@ -554,6 +563,13 @@ def bench_loaders(worker_counts: list[int], batch: int, samples: int, repeats: i
                     r["check"] += (f", {speedup:.2f}x {baseline} ({_loader_verdict(speedup)}); normalised on the "
                                    f"training device instead: {r['device_ready_per_s']:.0f}/s per core, "
                                    f"{r['device_ready_speedup']:.2f}x ({_loader_verdict(r['device_ready_speedup'])})")
+                    if checkout:
+                        r["checkout_speedup"] = r["per_worker_per_s"] / checkout_rate
+                        r["device_ready_checkout_speedup"] = r["device_ready_per_s"] / checkout_rate
+                        r["check"] += (f"; over the {CHECKOUT}: {r['checkout_speedup']:.2f}x "
+                                       f"({_loader_verdict(r['checkout_speedup'])}), normalised on the device "
+                                       f"{r['device_ready_checkout_speedup']:.2f}x "
+                                       f"({_loader_verdict(r['device_ready_checkout_speedup'])})")
                 rows.append(r)
                 print(f"{'loader':<9}{'-':<15}{'cpu':<7}{batch:>6}  {'-':<9}{r['ours_per_s']:>9.1f}{'-':>12}"
                       f"{speedup:>7.2f}x  {'-':<17}{r['check']}", flush=True)
@@ -666,6 +682,8 @@ def main(argv=None) -> int:
     parser.add_argument("--loader-samples", type=int, default=512, help="loader: JPEGs decoded per worker count")
     parser.add_argument("--loader-repeats", type=int, default=1, help="loader: runs of each path, alternating "
                         "(the median is reported)")
+    parser.add_argument("--loader-baseline", default=None, metavar="DIR", help="loader: also run the loader of "
+                        "this other checkout of the package, e.g. 'git worktree add /tmp/before 85d07a5' (issue 14's today)")
     parser.add_argument("--sizes", default="100000,1000000", help="retrieve: collection sizes, comma separated")
     parser.add_argument("--dim", type=int, default=768, help="retrieve: embedding width")
     parser.add_argument("--queries", type=int, default=100, help="retrieve: queries searched at once")
@@ -714,7 +732,8 @@ def main(argv=None) -> int:
         cases.append(("loader", tuple(counts), args.batch or 64))
     for task, name, batch in cases:
         if task == "loader":
-            results += bench_loaders(list(name), batch, args.loader_samples, args.loader_repeats)
+            results += bench_loaders(list(name), batch, args.loader_samples, args.loader_repeats,
+                                     args.loader_baseline)
             continue
         if task == "flops":
             r = bench_flops(name, device, batch, min(args.gen_batch, batch), seq_len)

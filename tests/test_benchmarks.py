@@ -19,7 +19,7 @@ def test_benchmark_script_runs_every_task_and_checks_itself(tmp_path):
         [sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--task", "generate,train,loader,flops",
          "--model", "coca_tiny", "--batch", "4", "--seq-len", "8", "--gen-batch", "2",
          "--repeats", "1", "--warmup", "1", "--steps", "2", "--loader-workers", "1", "--loader-samples", "64",
-         "--loader-repeats", "2",
+         "--loader-repeats", "2", "--loader-baseline", str(ROOT),
          "--json-out", str(out)],
         capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -49,17 +49,23 @@ def test_benchmark_script_runs_every_task_and_checks_itself(tmp_path):
                    "per saved tensor, as the issue counts", "aten ops/token", "of which not views", "host syncs/token"):
         assert figure in result.stdout
 
-    # loader: every decode path with the worker count, the first one the baseline
-    assert loaders and all(r["task"] == "loader" and r["workers"] == 1 for r in loaders)
-    assert loaders[0]["speedup"] == 1.0
+    # loader: the --loader-baseline checkout's loader (here this one, run in a process of its own),
+    # then every decode path with the worker count, the first one the baseline
+    assert [r["decode"] for r in loaders] == [f"checkout {ROOT}", "previous", "new"]
+    assert all(r["task"] == "loader" and r["workers"] == 1 for r in loaders)
+    checkout, previous, new = loaders
+    assert previous["speedup"] == 1.0
     for r in loaders:
         assert r["samples"] == 60 and _number(r["per_worker_per_s"]) and r["per_worker_per_s"] > 0  # 64 - warm-up
-        assert _number(r["speedup"]) and r["target"] == 2.0 and isinstance(r["decode"], str)
+        assert _number(r["speedup"]) and r["target"] == 2.0
         assert len(r["runs_per_worker_per_s"]) == 2 and r["per_worker_per_s"] in r["runs_per_worker_per_s"]
-    for r in loaders[1:]:  # the new paths also as a GPU trainer takes them: uint8, normalised there
-        assert len(r["runs_device_ready_per_worker_per_s"]) == 2
-        assert r["device_ready_per_s"] in r["runs_device_ready_per_worker_per_s"]
-        assert r["device_ready_speedup"] == r["device_ready_per_s"] / loaders[0]["per_worker_per_s"]
+    # the new path also as a GPU trainer takes it: uint8, normalised there; and over the checkout's
+    assert len(new["runs_device_ready_per_worker_per_s"]) == 2
+    assert new["device_ready_per_s"] in new["runs_device_ready_per_worker_per_s"]
+    assert new["device_ready_speedup"] == new["device_ready_per_s"] / previous["per_worker_per_s"]
+    assert new["checkout_speedup"] == new["per_worker_per_s"] / checkout["per_worker_per_s"]
+    assert new["device_ready_checkout_speedup"] == new["device_ready_per_s"] / checkout["per_worker_per_s"]
+    assert "over the checkout" in result.stdout
 
 
 def test_saved_bytes_counts_a_buffer_once_and_the_issues_count_each_view():

@@ -1,0 +1,66 @@
+"""Samples/s of ``coca train``'s shard loader, for bench.py's loader task.
+
+Run as a script it measures another checkout of the package in a process of its own, importing
+nothing else from this one, so the loader as it was when an issue was filed can run side by
+side with today's (``bench.py --loader-baseline DIR``):
+
+    git worktree add /tmp/before 85d07a5      # the package when issue 14 was filed
+    python benchmarks/loader_rate.py --package /tmp/before SHARDS WORKERS BATCH SAMPLES
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+
+def loader_rate(spec: str, workers: int, batch: int, samples: int, size: int = 224,
+                on_device: bool = False) -> tuple[int, float]:
+    """(samples, samples/s) of TrainData over the shards ``spec`` with ``workers`` (0: in this
+    process), after its first batch, taken as the training loop takes them: normalised float32
+    (a batch of uint8 crops is converted in this process, inside the timing). With ``on_device``
+    uint8 crops are left for the training device to normalise, as a GPU trainer takes them."""
+    import torch
+    from coca_cli.data.datasets import DataConfig, TrainData
+    from coca_cli.data.tokenizer import tokenize
+    from coca_cli.data.transforms import image_transform
+
+    cfg = DataConfig(spec, workers=workers, batch_size=batch, num_samples=samples, shuffle_buffer=batch)
+    data = TrainData(cfg, image_transform(size, is_train=True), partial(tokenize, context_length=77))
+    batches = data.epoch(0)
+    next(batches)  # warm-up: workers started and filling
+    start, count = time.perf_counter(), 0
+    for b in batches:
+        count += len(b.images) if on_device else len(b.images.to("cpu", torch.float32))
+    rate = count / (time.perf_counter() - start)
+    batches.close()
+    return count, rate
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--package", required=True, help="a checkout of this repository whose loader to run")
+    parser.add_argument("spec", help="shards, as --data takes them")
+    parser.add_argument("workers", type=int)
+    parser.add_argument("batch", type=int)
+    parser.add_argument("samples", type=int)
+    args = parser.parse_args(argv)
+    root = Path(args.package).resolve()
+    sys.path.insert(0, str(root))
+    try:
+        import coca_cli
+    except ImportError:
+        coca_cli = None
+    if coca_cli is None or Path(coca_cli.__file__).resolve().parent.parent != root:
+        parser.error(f"{root} is not a checkout of this repository (no coca_cli package in it)")
+    count, rate = loader_rate(args.spec, args.workers, args.batch, args.samples)
+    print(json.dumps({"samples": count, "per_s": rate}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
