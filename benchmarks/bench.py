@@ -57,6 +57,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(1, str(ROOT / "benchmarks"))  # loader_rate, also when imported as benchmarks.bench
 
 import open_clip  # noqa: E402
 
