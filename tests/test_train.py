@@ -311,6 +311,37 @@ def test_finetune_uses_the_caption_recipe(pairs, tmp_path, converted):
     assert not torch.equal(start["text_decoder.text_projection"], end["text_decoder.text_projection"])
 
 
+def test_finetune_and_preflight_take_model_names_that_bring_their_weights(pairs, tmp_path, capsys):
+    """``--model local-dir:PATH`` (or ``hf-hub:org/repo``) is the weights to start from, as in open_clip:
+    finetune asks for no --pretrained and starts from the folder's weights; the multi-process
+    preflight checks such names (and --pretrained) once, before any process starts."""
+    from coca_cli.errors import CocaError
+    from coca_cli.train.config import TrainConfig, preflight
+    from conftest import ROOT, openclip_reference
+
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    start = openclip_reference("coca_tiny", seed=7).state_dict()  # logit_scale 4.6, not the 2.66 of a new model
+    torch.save(start, folder / "open_clip_pytorch_model.bin")
+    config = json.loads((ROOT / "models" / "coca_tiny.json").read_text())
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": config, "preprocess_cfg": {}}))
+    run = tmp_path / "ft"
+    assert run_cli("finetune", "--model", f"local-dir:{folder}", "--data", pairs, "--batch-size", "8", "--workers", "0",
+                   "--train-num-samples", "16", "--precision", "fp32", "--output", run) == 0
+    assert torch.equal(weights(run)["logit_scale"], start["logit_scale"])  # no contrastive loss: as it started
+    assert not torch.equal(weights(run)["text_decoder.text_projection"], start["text_decoder.text_projection"])
+    capsys.readouterr()
+    assert run_cli("finetune", "--model", "coca_tiny", "--data", pairs, "--output", tmp_path / "none") == 2
+    assert "coca finetune needs --pretrained" in capsys.readouterr().err
+
+    preflight(TrainConfig(data=str(pairs), model=f"local-dir:{folder}"))
+    for model, pretrained, error in ((f"local-dir:{tmp_path / 'missing'}", None, "missing"),
+                                     ("local-dir:", None, "names no folder"),
+                                     ("coca_tiny", str(tmp_path / "missing.pt"), "missing.pt")):
+        with pytest.raises(CocaError, match=error):
+            preflight(TrainConfig(data=str(pairs), model=model, pretrained=pretrained))
+
+
 def test_nonfinite_loss_stops_keeping_the_last_good_checkpoint(pairs, tmp_path, capsys):
     explode = [*FAST, "--data", pairs, "--batch-size", "8", "--epochs", "1", "--lr", "1e30", "--warmup", "0",
                "--save-every-n-steps", "1"]

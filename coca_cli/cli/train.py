@@ -36,6 +36,7 @@ FINETUNE_HELP = """Fine-tune a pretrained CoCa for captioning (open_clip's MSCOC
 \b
 Example: coca finetune --model coca_ViT-L-14 --pretrained laion2b_s13b_b90k --data coco_train.tsv --output runs/coco
          coca finetune --pretrained runs/b32/final --data coco_train.tsv --lr 2e-5 --epochs 2
+         coca finetune --model hf-hub:laion/CoCa-ViT-B-32-laion2B-s13B-b90k --data coco_train.tsv
 
 Defaults: lr 1e-5, warmup 1000, wd 0.1, batch size 128, 1 epoch, contrastive weight 0,
 caption weight 1; any option can be overridden. CSV/TSV columns default to filepath/title.
@@ -113,10 +114,12 @@ def train_command(
     from ..train.distributed import default_processes, launched, relaunch
     from ..train.config import TrainConfig, default_output, preflight
     from ..train.loop import train
+    from ..weights.pretrained import brings_weights
 
     finetune = ctx.info_name == "finetune"
-    if finetune and pretrained is None:
-        raise CocaError("coca finetune needs --pretrained (the weights to fine-tune)")
+    if finetune and pretrained is None and not brings_weights(model):
+        raise CocaError("coca finetune needs --pretrained (the weights to fine-tune), or --model hf-hub:org/repo "
+                        "or local-dir:PATH")
     if model is None and pretrained is None:
         model = ctx.params["model"] = "coca_ViT-B-32"
     fields = {k: v for k, v in ctx.params.items() if k not in ("gpus", "nnodes", "node_rank", "master_addr",

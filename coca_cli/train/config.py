@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -102,16 +103,18 @@ class TrainConfig:
 
 
 def preflight(cfg: TrainConfig) -> None:
-    """Cheap checks of the settings, model name and data, before any process is started."""
-    from ..model.config import get_model_config
+    """Checks of the settings, model, weights and data before any process is started, each failing
+    in one line here rather than in every process; weights to download are fetched here, once."""
     from ..data.datasets import dataset_kind
     from ..data.shards import resolve_shards, shard_sizes
     from ..data.tables import read_table
+    from ..weights.factory import resolve_config, split_model_name
 
     cfg.check()
     check_reporters(cfg.report_to)
-    if cfg.model:
-        get_model_config(cfg.model)
+    with warnings.catch_warnings():  # each process says it again when it loads them
+        warnings.simplefilter("ignore")
+        resolve_config(*split_model_name(cfg.model, cfg.pretrained))  # downloads once, for every process
     if cfg.compile:  # the processes use CUDA when there is one (distributed.resolve_device)
         check_compile("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
     for spec in filter(None, (cfg.data, cfg.val_data)):

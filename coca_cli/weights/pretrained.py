@@ -37,12 +37,18 @@ DEFAULT_CONTRASTIVE_PRETRAINED = "laion2b_s13b_b90k"  # the MSCOCO fine-tunes lo
 LOCAL_DIR_PREFIX = "local-dir:"
 
 
+def brings_weights(model: Optional[str]) -> bool:
+    """Whether a model name is weights that carry their config (``hf-hub:``, ``local-dir:``), as
+    open_clip reads them."""
+    return str(model or "").startswith((HF_HUB_PREFIX, LOCAL_DIR_PREFIX))
+
+
 def default_weights(model: Optional[str], pretrained: Optional[str], *,
                     captioning: bool) -> tuple[Optional[str], Optional[str]]:
     """(model, pretrained) a command loads: without ``pretrained``, the published weights for the
     job (the MSCOCO fine-tune captions better; it has lost much of the LAION weights' zero-shot
     and retrieval skill), unless the model name brings its own (``hf-hub:``, ``local-dir:``)."""
-    if pretrained is not None or str(model or "").startswith((HF_HUB_PREFIX, LOCAL_DIR_PREFIX)):
+    if pretrained is not None or brings_weights(model):
         return model, pretrained
     if captioning:
         return model or DEFAULT_CAPTION_MODEL, DEFAULT_CAPTION_PRETRAINED
