@@ -22,20 +22,25 @@ def loader_rate(spec: str, workers: int, batch: int, samples: int, size: int = 2
                 on_device: bool = False) -> tuple[int, float]:
     """(samples, samples/s) of TrainData over the shards ``spec`` with ``workers`` (0: in this
     process), after its first batch, taken as the training loop takes them: normalised float32
-    (a batch of uint8 crops is converted in this process, inside the timing). With ``on_device``
-    uint8 crops are left for the training device to normalise, as a GPU trainer takes them."""
+    (a batch of uint8 crops is converted in this process, inside the timing, into the loop's
+    reused buffer where the checkout has one). With ``on_device`` uint8 crops are left for the
+    training device to normalise, as a GPU trainer takes them."""
     import torch
+    from coca_cli.data import transforms
     from coca_cli.data.datasets import DataConfig, TrainData
     from coca_cli.data.tokenizer import tokenize
-    from coca_cli.data.transforms import image_transform
 
     cfg = DataConfig(spec, workers=workers, batch_size=batch, num_samples=samples, shuffle_buffer=batch)
-    data = TrainData(cfg, image_transform(size, is_train=True), partial(tokenize, context_length=77))
+    data = TrainData(cfg, transforms.image_transform(size, is_train=True), partial(tokenize, context_length=77))
+    buffers = transforms.BatchBuffers() if hasattr(transforms, "BatchBuffers") else None
     batches = data.epoch(0)
     next(batches)  # warm-up: workers started and filling
     start, count = time.perf_counter(), 0
     for b in batches:
-        count += len(b.images) if on_device else len(b.images.to("cpu", torch.float32))
+        if on_device:
+            count += len(b.images)
+        else:
+            count += len(buffers.to(b.images, "cpu", torch.float32) if buffers else b.images.to("cpu", torch.float32))
     rate = count / (time.perf_counter() - start)
     batches.close()
     return count, rate

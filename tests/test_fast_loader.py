@@ -157,6 +157,33 @@ def test_uint8_batches_equal_the_transform_bit_for_bit():
     assert torch.equal(batch.to("cpu", torch.bfloat16), expected.bfloat16())
 
 
+def test_the_training_loop_normalises_crops_into_buffers_it_reuses():
+    """BatchBuffers (the loop's ``.to``): a CPU float32 batch of crops lands in its slot's buffer,
+    the same one each step (no fresh pages to fault in), with PixelBatch.to's values; each
+    micro-batch of a step has a slot of its own; anything else is converted as before."""
+    crops = T.fast_training_transform(T.image_transform(64, is_train=True))
+    photos = [jpeg(), jpeg((300, 240)), jpeg(mode="L"), jpeg((800, 500))]
+
+    def batch(seed, n=2):
+        return T.stack_images([seeded(crops, decode_image(photos[(seed + i) % 4], lazy=True), seed + i)
+                               for i in range(n)], crops)
+
+    buffers = T.BatchBuffers()
+    first = buffers.to(batch(0), "cpu", torch.float32)
+    assert torch.equal(first, batch(0).to("cpu"))
+    second = buffers.to(batch(1), "cpu", torch.float32, slot=0)
+    assert second.data_ptr() == first.data_ptr() and torch.equal(second, batch(1).to("cpu"))
+    other = buffers.to(batch(2), "cpu", slot=1)
+    assert other.data_ptr() != second.data_ptr() and torch.equal(second, batch(1).to("cpu"))
+    assert torch.equal(other, batch(2).to("cpu"))
+    last = buffers.to(batch(3, n=1), "cpu", torch.float32)  # an epoch's short last batch: a buffer of its size
+    assert last.shape == (1, 3, 64, 64) and torch.equal(last, batch(3, n=1).to("cpu"))
+    half = buffers.to(batch(0), "cpu", torch.bfloat16)
+    assert half.dtype == torch.bfloat16 and torch.equal(half, batch(0).to("cpu", torch.bfloat16))
+    floats = torch.rand(2, 3, 64, 64)
+    assert buffers.to(floats, "cpu", torch.float32) is floats
+
+
 def test_the_uint8_path_is_only_for_the_plain_transform(monkeypatch):
     jitter = T.image_transform(224, is_train=True, aug_cfg={"color_jitter_prob": 0.5, "color_jitter": (0.4, 0.4, 0.4, 0.1)})
     assert T.fast_training_transform(jitter) is jitter  # colour jitter works on the PIL image

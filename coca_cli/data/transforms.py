@@ -457,10 +457,34 @@ class PixelBatch:
         return images if dtype is None else images.to(dtype)
 
 
-def normalized(pixels: torch.Tensor, normalize: Normalize) -> torch.Tensor:
+class BatchBuffers:
+    """The CPU memory a training loop normalises its batches of crops into: one float32 buffer per
+    micro-batch of a step, rewritten the next step. A fresh float batch (38.5 MB at 64 x 224 px)
+    costs a page fault per 4 KB, as much time as the normalisation itself; with two workers on two
+    cores that was a sixth of the loader's rate (benchmarks/RESULTS.md). The caller must be done
+    with a slot's batch before it asks for that slot again."""
+
+    def __init__(self):
+        self._buffers: dict[int, torch.Tensor] = {}
+
+    def to(self, images, device, dtype: Optional[torch.dtype] = None, slot: int = 0,
+           non_blocking: bool = False) -> torch.Tensor:
+        """``images.to(device, dtype)``; a PixelBatch bound for the CPU as float32 is written into
+        ``slot``'s buffer."""
+        if not (isinstance(images, PixelBatch) and torch.device(device).type == "cpu"
+                and dtype in (None, torch.float32)):
+            return images.to(device, dtype, non_blocking=non_blocking)
+        buffer = self._buffers.get(slot)
+        if buffer is None or buffer.shape != images.pixels.shape:
+            buffer = self._buffers[slot] = torch.empty(images.pixels.shape)
+        return normalized(images.pixels, images.normalize, out=buffer)
+
+
+def normalized(pixels: torch.Tensor, normalize: Normalize, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """uint8 pixels (one image or a batch) as ToTensor then ``normalize`` make them, the same
-    arithmetic, done in place on the float copy: no pass to copy it first."""
-    return TF.normalize(pixels.float().div_(255), normalize.mean, normalize.std, inplace=True)
+    arithmetic, done in place on the float copy (or on ``out``, float32 of their shape)."""
+    images = pixels.float() if out is None else out.copy_(pixels)
+    return TF.normalize(images.div_(255), normalize.mean, normalize.std, inplace=True)
 
 
 def plain_crop_pipeline(transform) -> bool:

@@ -31,6 +31,7 @@ from torch import nn
 
 from . import distributed as D
 from ..data.datasets import Batch, TrainData, describe_skipped
+from ..data.transforms import BatchBuffers
 from ..errors import CocaError
 from ..files import atomic_write, claim_folder
 from ..weights.checkpoint import save_native
@@ -93,6 +94,7 @@ class Trainer:
                 self._print(f"warning: {why_not}")
         self.val_transform = image_transform(pp.size, is_train=False, mean=pp.mean, std=pp.std,
                                              interpolation=pp.interpolation, resize_mode=pp.resize_mode)
+        self.batch_buffers = BatchBuffers()
         self.data = TrainData(cfg.data_config(), self.train_transform, self.tokenizer, world.rank, world.world_size,
                               cfg.accum_freq, pin_memory=self.device.type == "cuda")
         self.total_steps = self.data.steps_per_epoch * cfg.epochs
@@ -141,7 +143,9 @@ class Trainer:
         features of the others come from a no-grad pass), so the gradient equals that of one
         batch ``accum_freq`` times larger.
         """
-        images = [b.images.to(self.device, self.input_dtype, non_blocking=True) for b in micro]
+        # the last step's images (and the graph that saved them) went with its locals: their buffers are free
+        images = [self.batch_buffers.to(b.images, self.device, self.input_dtype, slot=j, non_blocking=True)
+                  for j, b in enumerate(micro)]
         texts = [b.texts.to(self.device, non_blocking=True) for b in micro]
         tokens = torch.tensor([float(sum((t[:, 1:] != self.model.pad_id).sum().item() for t in texts))],
                               device=self.device)
