@@ -448,6 +448,7 @@ def test_cache_dir_hf_hub_and_local_dir_model_names(tmp_path, weights, photos):
     ({"force_preprocess_cfg": {"resize": 1}}, "unknown preprocessing setting 'resize'"),
     ({"cast_dtype": torch.float16}, "unknown model option 'cast_dtype'"),
     ({"model_name": "hf-hub:"}, "names no repository"),
+    ({"model_name": "local-dir:/nonexistent"}, "model name 'local-dir:/nonexistent': no such folder"),
 ], ids=str)
 def test_bad_arguments_give_one_clear_error(kwargs, message):
     with pytest.raises(CocaError) as err:

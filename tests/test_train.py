@@ -335,7 +335,7 @@ def test_finetune_and_preflight_take_model_names_that_bring_their_weights(pairs,
     assert "coca finetune needs --pretrained" in capsys.readouterr().err
 
     preflight(TrainConfig(data=str(pairs), model=f"local-dir:{folder}"))
-    for model, pretrained, error in ((f"local-dir:{tmp_path / 'missing'}", None, "missing"),
+    for model, pretrained, error in ((f"local-dir:{tmp_path / 'missing'}", None, "missing': no such folder"),
                                      ("local-dir:", None, "names no folder"),
                                      ("coca_tiny", str(tmp_path / "missing.pt"), "missing.pt")):
         with pytest.raises(CocaError, match=error):

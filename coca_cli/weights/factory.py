@@ -117,6 +117,8 @@ def split_model_name(model_name: Optional[str], pretrained) -> tuple[Optional[st
         if name.startswith(prefix):
             if not name[len(prefix):]:
                 raise CocaError(f"model name '{name}' names no {'repository' if kept else 'folder'}")
+            if prefix == LOCAL_DIR_PREFIX and not Path(name[len(prefix):]).expanduser().is_dir():
+                raise CocaError(f"model name '{name}': no such folder")
             if pretrained:
                 warnings.warn(f"pretrained={str(pretrained)!r} is ignored: model '{name}' brings its own weights")
             return None, kept + name[len(prefix):]
