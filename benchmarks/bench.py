@@ -26,10 +26,11 @@ Independent of the machine's load, so they can be compared across runs.
 loader: ``coca train``'s webdataset loader on real JPEGs (COCO-sized crops of scikit-image's
 photos) with the training augmentation: decoded samples/s in all and per worker. ``coca
 train`` logs ``data_wait``, the share of time the loop waited for batches, to show it keeps up.
-Each JPEG decode path (``decode_paths``) runs on the same shards, the first one the baseline;
+Each JPEG decode path (``DECODE_PATHS``) runs on the same shards, the first one the baseline;
 the others also with their uint8 batches left for the training device to normalise, as on a GPU.
 ``--loader-baseline DIR`` also runs the loader of another checkout (the package when an issue
-was filed: ``git worktree add DIR 85d07a5`` for issue 14's "today") in a process of its own.
+was filed: ``git worktree add DIR 85d07a5`` for issue 14's "today"). Every loader run is a
+fresh process of its own (``loader_rate.py``), so none inherits what ran before it.
 
 Both models get identical weights (open_clip's is re-randomised with a seeded normal, then
 copied into ours with ``load_state_dict(strict=True)``). Needs open_clip and transformers
@@ -57,7 +58,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(1, str(ROOT / "benchmarks"))  # loader_rate, also when imported as benchmarks.bench
 
 import open_clip  # noqa: E402
 
@@ -67,7 +67,6 @@ from coca_cli.train.loss import CoCaLoss  # noqa: E402
 from coca_cli.model.coca import CoCa  # noqa: E402
 from coca_cli.train.config import TrainConfig  # noqa: E402
 from coca_cli.train.optim import make_optimizer, param_groups  # noqa: E402
-from loader_rate import loader_rate  # noqa: E402 - beside this file
 
 SOT, EOS = 49406, 49407
 LOSS_TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 5e-2}  # max relative difference of the curves
@@ -479,30 +478,26 @@ def photo_shards(folder: Path, samples: int, per_shard: int = 64, seed: int = 0)
 LOADER_TARGET = 2.0  # issue 14: samples/s per core, the new decode path over the previous one
 
 
-def decode_paths() -> dict:
-    """The JPEG decode paths to run side by side, baseline first: name -> a context the loader is
-    built and run in (its workers are forked inside it, so they inherit it). ``previous``: every
-    JPEG decoded whole, then cropped, converted and normalised sample by sample (before issue 14);
-    ``new``: decoded at reduced size for the crop, batched as uint8 and normalised per batch."""
-    from coca_cli.data import transforms
-
-    return {"previous": lambda: mock.patch.object(transforms, "REDUCED_DECODE", False), "new": nullcontext}
+# The JPEG decode paths run side by side, baseline first (``loader_rate.py --decode``). previous: every
+# JPEG decoded whole, then cropped, converted and normalised sample by sample (before issue 14);
+# new: decoded at reduced size for the crop, batched as uint8 and normalised per batch.
+DECODE_PATHS = ("previous", "new")
 
 
 def bench_loader(spec: str, workers: int, batch: int, samples: int, on_device: bool = False,
-                 package: Optional[str] = None) -> dict:
-    """Decoded, augmented samples/s of ``coca train``'s shard loader (``loader_rate``) with
-    ``workers`` (0: in this process); with ``package``, that checkout's loader, run in a process of
-    its own (``loader_rate.py --package``)."""
-    if package is None:
-        count, rate = loader_rate(spec, workers, batch, samples, on_device=on_device)
-    else:
-        out = subprocess.run([sys.executable, str(Path(__file__).with_name("loader_rate.py")), "--package", package,
-                              spec, str(workers), str(batch), str(samples)], capture_output=True, text=True)
-        if out.returncode:
-            raise SystemExit(f"the loader of {package} failed:\n{out.stderr.strip()}")
-        measured = json.loads(out.stdout.strip().splitlines()[-1])
-        count, rate = measured["samples"], measured["per_s"]
+                 package: Path = ROOT, decode: Optional[str] = None) -> dict:
+    """Decoded, augmented samples/s of ``coca train``'s shard loader with ``workers`` (0: in the
+    loader's process), measured in a fresh process (``loader_rate.py``): this checkout's with a
+    ``decode`` path, or the loader of the checkout ``package``."""
+    command = [sys.executable, str(Path(__file__).with_name("loader_rate.py")), "--package", str(package),
+               spec, str(workers), str(batch), str(samples)]
+    command += ["--decode", decode] if decode else []
+    command += ["--on-device"] if on_device else []
+    out = subprocess.run(command, capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"the loader of {package} failed:\n{out.stderr.strip()}")
+    measured = json.loads(out.stdout.strip().splitlines()[-1])
+    count, rate = measured["samples"], measured["per_s"]
     return {"task": "loader", "model": "-", "device": "cpu", "batch": batch, "dtype": "-", "workers": workers,
             "samples": count, "ours_per_s": rate, "per_worker_per_s": rate / max(workers, 1), "ok": True}
 
@@ -531,8 +526,8 @@ def bench_loaders(worker_counts: list[int], batch: int, samples: int, repeats: i
     a run of a few seconds moves by +-15% on a shared machine."""
     import tempfile
 
-    rows, paths = [], decode_paths()
-    baseline = next(iter(paths))
+    rows, paths = [], DECODE_PATHS
+    baseline = paths[0]
     runs_of = [(path, False) for path in paths] + [(path, True) for path in paths if path != baseline]
     if checkout:
         runs_of.insert(0, (CHECKOUT, False))
@@ -542,9 +537,10 @@ def bench_loaders(worker_counts: list[int], batch: int, samples: int, repeats: i
             runs = {run: [] for run in runs_of}
             for _ in range(repeats):
                 for path, on_device in runs_of:
-                    with nullcontext() if path == CHECKOUT else paths[path]():
-                        runs[path, on_device].append(bench_loader(spec, workers, batch, samples, on_device=on_device,
-                                                                  package=checkout if path == CHECKOUT else None))
+                    runs[path, on_device].append(
+                        bench_loader(spec, workers, batch, samples, on_device=on_device, package=checkout)
+                        if path == CHECKOUT else bench_loader(spec, workers, batch, samples, on_device=on_device,
+                                                              decode=path))
             base_rate = _median_run(runs[baseline, False])["per_worker_per_s"]
             checkout_rate = _median_run(runs[CHECKOUT, False])["per_worker_per_s"] if checkout else None
             for path in ([CHECKOUT] if checkout else []) + list(paths):

@@ -1,11 +1,12 @@
 """Samples/s of ``coca train``'s shard loader, for bench.py's loader task.
 
-Run as a script it measures another checkout of the package in a process of its own, importing
-nothing else from this one, so the loader as it was when an issue was filed can run side by
-side with today's (``bench.py --loader-baseline DIR``):
+bench.py runs it as a script, each measure in a fresh process that imports nothing but the
+checkout named (this one, or the package as it was when an issue was filed, to run side by
+side with today's: ``bench.py --loader-baseline DIR``):
 
     git worktree add /tmp/before 85d07a5      # the package when issue 14 was filed
     python benchmarks/loader_rate.py --package /tmp/before SHARDS WORKERS BATCH SAMPLES
+    python benchmarks/loader_rate.py --package . --decode previous SHARDS WORKERS BATCH SAMPLES
 """
 
 from __future__ import annotations
@@ -53,6 +54,10 @@ def main(argv=None) -> int:
     parser.add_argument("workers", type=int)
     parser.add_argument("batch", type=int)
     parser.add_argument("samples", type=int)
+    parser.add_argument("--decode", choices=("new", "previous"), default="new",
+                        help="previous: every JPEG decoded whole (REDUCED_DECODE off), as before issue 14")
+    parser.add_argument("--on-device", action="store_true",
+                        help="leave uint8 batches for the training device to normalise, as a GPU trainer takes them")
     args = parser.parse_args(argv)
     root = Path(args.package).resolve()
     sys.path.insert(0, str(root))
@@ -62,7 +67,13 @@ def main(argv=None) -> int:
         coca_cli = None
     if coca_cli is None or Path(coca_cli.__file__).resolve().parent.parent != root:
         parser.error(f"{root} is not a checkout of this repository (no coca_cli package in it)")
-    count, rate = loader_rate(args.spec, args.workers, args.batch, args.samples)
+    if args.decode == "previous":
+        from coca_cli.data import transforms
+
+        if not hasattr(transforms, "REDUCED_DECODE"):
+            parser.error(f"{root} has no reduced decode to turn off: its loader is the previous one already")
+        transforms.REDUCED_DECODE = False  # the loader's workers are forked after this: they inherit it
+    count, rate = loader_rate(args.spec, args.workers, args.batch, args.samples, on_device=args.on_device)
     print(json.dumps({"samples": count, "per_s": rate}))
     return 0
 
