@@ -537,10 +537,9 @@ def bench_loaders(worker_counts: list[int], batch: int, samples: int, repeats: i
             runs = {run: [] for run in runs_of}
             for _ in range(repeats):
                 for path, on_device in runs_of:
-                    runs[path, on_device].append(
-                        bench_loader(spec, workers, batch, samples, on_device=on_device, package=checkout)
-                        if path == CHECKOUT else bench_loader(spec, workers, batch, samples, on_device=on_device,
-                                                              decode=path))
+                    loader = {"package": checkout} if path == CHECKOUT else {"decode": path}
+                    runs[path, on_device].append(bench_loader(spec, workers, batch, samples, on_device=on_device,
+                                                              **loader))
             base_rate = _median_run(runs[baseline, False])["per_worker_per_s"]
             checkout_rate = _median_run(runs[CHECKOUT, False])["per_worker_per_s"] if checkout else None
             for path in ([CHECKOUT] if checkout else []) + list(paths):
