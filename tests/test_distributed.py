@@ -87,3 +87,25 @@ def test_local_loss_without_gather_with_grad_is_an_approximation(data, single, t
     towers = [k for k in a if k.startswith(("visual.", "text."))]
     assert max_diff(a, b, exact) <= 1e-5
     assert max_diff(a, b, towers) > 1e-4  # a real difference, not rounding
+
+
+def test_two_processes_train_without_the_zero_weighted_loss(data, tmp_path, capfd):
+    """Fine-tuning's recipe (contrastive weight 0): what only the contrastive loss would train gets
+    no gradient, so it is frozen and DDP needs no search for unused parameters (before, every rank
+    warned that find_unused_parameters found none). Two processes still equal one."""
+    flags = ["--coca-contrastive-loss-weight", "0"]
+    one = tmp_path / "one"
+    assert run_cli("train", *COMMON, "--data", data, "--batch-size", "8", "--gpus", "1", "--output", one, *flags) == 0
+    run = tmp_path / "two"
+    assert run_cli("train", *COMMON, "--data", data, "--batch-size", "4", "--gpus", "2", "--output", run, *flags) == 0
+    assert "find_unused_parameters" not in capfd.readouterr().err
+    assert [(s, c) for s, c, _ in losses(run)] == [(1, 0.0), (2, 0.0)]
+    for (_, _, p1), (_, _, p2) in zip(losses(one), losses(run)):
+        assert p2 == pytest.approx(p1, rel=1e-5)
+    a = load_file(str(one / "final" / "model.safetensors"))
+    b = load_file(str(run / "final" / "model.safetensors"))
+    assert max_diff(a, b, a.keys()) <= 1e-5
+    start = step_weights(run, 1)["model"]
+    for name in ("logit_scale", "text.text_projection", "visual.proj"):
+        assert torch.equal(start[name], b[name])
+    assert not torch.equal(start["text_decoder.text_projection"], b["text_decoder.text_projection"])

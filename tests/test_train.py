@@ -309,6 +309,17 @@ def test_finetune_uses_the_caption_recipe(pairs, tmp_path, converted):
     start, end = load_file(str(tiny / "model.safetensors")), weights(run)
     assert torch.equal(start["logit_scale"], end["logit_scale"])  # untouched without the contrastive loss
     assert not torch.equal(start["text_decoder.text_projection"], end["text_decoder.text_projection"])
+    # the parameters no loss reaches are frozen, but the optimizer holds every parameter, as it did
+    # before they were: checkpoints saved then still resume
+    from coca_cli import create_model
+
+    checkpoint = torch.load(sorted((run / "checkpoints").glob("step_*.pt"))[-1], weights_only=True)
+    held = sum(len(group["params"]) for group in checkpoint["optimizer"]["param_groups"])
+    assert held == len(list(create_model("coca_tiny").parameters()))
+    assert run_cli("finetune", "--pretrained", tiny, "--data", pairs, "--batch-size", "8", "--workers", "0",
+                   "--train-num-samples", "16", "--precision", "fp32", "--output", run, "--epochs", "2",
+                   "--resume", "latest") == 0
+    assert [r["step"] for r in metrics(run) if "caption_loss" in r] == [2, 4]
 
 
 def test_finetune_and_preflight_take_model_names_that_bring_their_weights(pairs, tmp_path, capsys):

@@ -34,6 +34,7 @@ from ..data.datasets import Batch, TrainData, describe_skipped
 from ..data.transforms import BatchBuffers
 from ..errors import CocaError
 from ..files import atomic_write, claim_folder
+from ..model.config import pair
 from ..weights.checkpoint import save_native
 from ..weights.convert import nonfinite_tensor
 from .checkpoints import (CHECKPOINT_FORMAT, checkpoint_dir, find_checkpoint, float_copy, list_checkpoints,
@@ -41,7 +42,7 @@ from .checkpoints import (CHECKPOINT_FORMAT, checkpoint_dir, find_checkpoint, fl
                           set_rng_state)
 from .config import TrainConfig, check_compile, check_reporters, default_output
 from .loss import CoCaLoss, contrastive_features
-from .optim import cosine_lr, fitting_warmup, lock_image_tower, lock_text_tower, make_optimizer
+from .optim import cosine_lr, fitting_warmup, freeze_unreached, lock_image_tower, lock_text_tower, make_optimizer
 from .progress import Metrics, Progress, StopSignal
 from .validation import describe_val, validate
 
@@ -73,6 +74,7 @@ class Trainer:
         self.device = world.device
         precision = cfg.precision if cfg.precision != "auto" else ("amp" if self.device.type == "cuda" else "fp32")
         self.precision = precision
+        self.input_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         seed_everything(cfg.seed)  # identical initial weights on every rank
         self.model = create_model(cfg.model, cfg.pretrained, precision="bf16" if precision == "bf16" else "fp32",
                                   device=self.device).train()
@@ -104,15 +106,16 @@ class Trainer:
                              gather_with_grad=cfg.gather_with_grad, cache_labels=True, rank=world.rank,
                              world_size=world.world_size)
         self.optimizer = make_optimizer(self.model, cfg)
+        # after the optimizer, which then holds what it held before (checkpoints of older runs resume)
+        self.frozen = freeze_unreached(self.model, self._blank_sample_loss())  # what no weighted loss trains
+        if not any(p.requires_grad for p in self.model.parameters()):
+            raise CocaError("no unlocked parameter is reached by a loss with a weight above 0: nothing to train")
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "amp")
         self.autocast_dtype = {"amp": torch.float16, "amp_bf16": torch.bfloat16}.get(precision)
-        self.input_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         self.ddp = None
-        if world.distributed:
-            unused = cfg.coca_contrastive_loss_weight == 0 or cfg.coca_caption_loss_weight == 0
+        if world.distributed:  # every trainable parameter gets a gradient every step (freeze_unreached)
             self.ddp = nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=unused)
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         # what runs the training forward; --compile wraps it after DDP, as open_clip_train's --torchcompile.
         # self.model stays the eager module: checkpoints keep its keys (no "_orig_mod." prefix).
         self.net = self.ddp or self.model
@@ -123,6 +126,19 @@ class Trainer:
         self.skipped_total = 0  # all ranks'
         self.nonfinite_skipped = 0
         self.last_saved = -1
+
+    def _blank_sample_loss(self) -> torch.Tensor:
+        """The weighted training loss of one blank image and caption, in this process alone: which
+        parameters it reaches does not depend on the data."""
+        height, width = pair(self.model.visual.image_size)
+        image = torch.zeros(1, 3, height, width, device=self.device, dtype=self.input_dtype)
+        text = self.tokenizer(["a"]).to(self.device)
+        out = self.model(image, text, caption_tokens_only=True)
+        loss = CoCaLoss(self.cfg.coca_caption_loss_weight, self.cfg.coca_contrastive_loss_weight,
+                        pad_id=self.model.pad_id)
+        parts = loss(out["image_features"], out["text_features"], out["logits"], out["labels"], out["logit_scale"],
+                     output_dict=True, logit_bias=out.get("logit_bias"))
+        return parts["contrastive_loss"] + parts["caption_loss"]
 
     # -- one optimizer step -------------------------------------------------------------------
     def autocast(self):
