@@ -96,6 +96,27 @@ def test_hub_model_names_load_their_own_weights_without_a_default_tag(tmp_path, 
         assert hub.downloads("open_clip_pytorch_model.bin") == 1
 
 
+def test_a_hub_tokenizer_downloads_the_config_and_not_the_weights(tmp_path, hub_files):
+    """get_tokenizer('hf-hub:org/repo') needs the repository's open_clip config alone, as in
+    open_clip; a repository without one says so in one line."""
+    _, files = hub_files
+    code = ("import sys; from coca_cli import get_tokenizer; from coca_cli.errors import CocaError\n"
+            "tok = get_tokenizer('hf-hub:someone/coca-tiny'); print(tok.context_length, tuple(tok(['a dog']).shape))\n"
+            "try: get_tokenizer('hf-hub:laion/CoCa-ViT-B-32-laion2B-s13B-b90k')\n"
+            "except CocaError as err: print(err)")
+    with HubServer(files) as hub:
+        env = dict(os.environ, HF_ENDPOINT=hub.url, HF_HUB_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="0")
+        result = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True,
+                                timeout=600)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.splitlines() == [
+            "32 (1, 32)",  # coca_tiny's context length, from the downloaded config
+            "Hugging Face repository laion/CoCa-ViT-B-32-laion2B-s13B-b90k has no open_clip_config.json: "
+            "name the model it holds"]
+        assert hub.downloads("open_clip_config.json") == 1
+        assert hub.downloads("open_clip_pytorch_model.bin") == 0
+
+
 def test_library_warnings_reach_the_terminal_as_one_line(tmp_path, hub_files, capsys):
     """--pretrained beside a model name that brings its weights is ignored, as open_clip does; the
     library's UserWarning says so in one line, and Python's own display is back afterwards."""

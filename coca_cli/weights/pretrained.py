@@ -105,6 +105,14 @@ def download(repo: str, cache_dir: Optional[str] = None) -> Path:
     return weights.parent
 
 
+def download_config(repo: str, cache_dir: Optional[str] = None) -> Optional[Path]:
+    """Fetch only a hub repository's open_clip config (what a tokenizer needs: weights are GBs);
+    None when the repository has none."""
+    cache_dir = cache_dir or os.environ.get("COCA_CACHE_DIR")
+    with _quiet_hub():
+        return _first_available(repo, (OPENCLIP_CONFIG,), cache_dir, _unresolved_hub(), required=False)
+
+
 def _unresolved_hub() -> Optional[OSError]:
     """Why the hub's host name does not resolve here, or None when it does (or a proxy resolves
     names for us). huggingface_hub retries a failed connection with backoff for ~23 s before it
