@@ -10,7 +10,7 @@ from pathlib import Path
 from conftest import ROOT
 
 PACKAGE = ROOT / "coca_cli"
-STAGES = ["errors", "files", "model", "data", "weights", "tasks", "train", "cli"]  # lowest first
+STAGES = ["errors", "files", "devices", "model", "data", "weights", "tasks", "train", "cli"]  # lowest first
 ROOT_MODULES = {"__init__", "__main__"}  # the public API and `python -m coca_cli`: above everything
 
 

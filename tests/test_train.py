@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import Paused, run_cli
+from conftest import Paused, one_error_line, run_cli
 
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 FAST = ["--model", "coca_tiny", "--workers", "0", "--precision", "fp32", "--lr", "1e-3", "--warmup", "1",
@@ -131,6 +131,16 @@ def test_launcher_detection_and_torchrun_command(monkeypatch):
 def test_finetune_needs_pretrained(pairs, tmp_path, capsys):
     assert run_cli("finetune", "--data", pairs, "--output", tmp_path) == 2
     assert "coca finetune needs --pretrained" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device, error", [
+    ("cuda", "--device cuda: no CUDA GPU is available on this machine (use --device cpu or auto)"),
+    ("foo", "unknown --device 'foo' (choose auto, cpu, cuda, cuda:N or mps)")])
+def test_train_on_a_device_this_machine_lacks_is_a_usage_error(pairs, tmp_path, monkeypatch, capsys, device, error):
+    """One process trains where the commands run (before, --device foo ended in 'unexpected RuntimeError')."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert run_cli("train", *FAST, "--data", pairs, "--device", device, "--output", tmp_path / "run") == 2
+    assert one_error_line(capsys) == f"coca: error: {error}\n"
 
 
 # -- data -----------------------------------------------------------------------------------------

@@ -57,30 +57,6 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
     """CoCa (Contrastive Captioners): captioning, zero-shot classification, retrieval, training."""
 
 
-def pick_device(device: str) -> str:
-    """'auto' means the fastest present: CUDA, then Apple MPS, then CPU. Asking for a device this
-    machine lacks is a usage error here, not a driver error later."""
-    import torch
-
-    mps = getattr(torch.backends, "mps", None)
-    has_mps = mps is not None and mps.is_available()
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
-    try:
-        kind = torch.device(device)
-    except RuntimeError:
-        raise CocaError(f"unknown --device '{device}' (choose auto, cpu, cuda, cuda:N or mps)") from None
-    if kind.type == "cuda" and not torch.cuda.is_available():
-        raise CocaError(f"--device {device}: no CUDA GPU is available on this machine (use --device cpu or auto)")
-    if kind.type == "cuda" and kind.index is not None and kind.index >= torch.cuda.device_count():
-        raise CocaError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
-                        f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
-    if kind.type == "mps" and not has_mps:
-        raise CocaError(f"--device {device}: Apple's MPS backend is not available on this machine "
-                        "(use --device cpu or auto)")
-    return device
-
-
 def stdout_format(requested: Optional[Format], as_json: bool = False) -> str:
     """Tables for people, lines for programs: a table on a terminal, JSON Lines in a pipe or file,
     unless --format (or --json, the same as --format jsonl) says otherwise."""

@@ -7,8 +7,9 @@ from typing import List, Optional
 
 import typer
 
+from ..devices import pick_device
 from ..errors import CocaError
-from . import app, command_line, err_console, pick_device, progress
+from . import app, command_line, err_console, progress
 from .classify import model_tokenizer
 from .options import (BatchSizeOption, CaptionPretrainedOption, DeviceOption, GenerationTypeOption, MinSeqLenOption,
                       ModelOption, NumBeamGroupsOption, NumBeamsOption, PrecisionOption, RepetitionPenaltyOption,

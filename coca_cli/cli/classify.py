@@ -12,8 +12,9 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from ..devices import pick_device
 from ..errors import CocaError
-from . import app, err_console, pick_device, progress, stdout_format
+from . import app, err_console, progress, stdout_format
 from .options import (BatchSizeOption, ContrastivePretrainedOption, DeviceOption, FormatOption, ModelOption,
                       PrecisionOption, ResultsFileOption, TemplatesOption, WorkersOption)
 

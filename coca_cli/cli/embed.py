@@ -8,8 +8,9 @@ from typing import List, Optional
 
 import typer
 
+from ..devices import pick_device
 from ..errors import CocaError
-from . import app, command_line, err_console, pick_device, progress
+from . import app, command_line, err_console, progress
 from .classify import load_contrastive
 from .options import (BatchSizeOption, CaptionKeyOption, ContrastivePretrainedOption, DeviceOption, ImgKeyOption,
                       ModelOption, PrecisionOption, SeparatorOption, WorkersOption)

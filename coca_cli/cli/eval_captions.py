@@ -11,8 +11,9 @@ from rich.table import Table
 from rich.text import Text
 
 from ..data.inputs import require_path
+from ..devices import pick_device
 from ..errors import CocaError
-from . import err_console, pick_device, progress, stdout_format
+from . import err_console, progress, stdout_format
 from .evaluate import check_json_output, eval_app, print_record, write_json
 from .options import (BatchSizeOption, CaptionKeyOption, CaptionPretrainedOption, DeviceOption, FormatOption,
                       GenerationTypeOption, ImgKeyOption, MinSeqLenOption, ModelOption, NumBeamGroupsOption,

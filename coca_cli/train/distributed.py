@@ -21,6 +21,7 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from ..devices import pick_device
 from ..errors import CocaError
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
@@ -115,21 +116,13 @@ def relaunch(args: Sequence[str], nproc: int, nnodes: int = 1, node_rank: int = 
 
 
 def resolve_device(name: str, local_rank: int = 0, distributed: bool = False) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            name = "cuda"
-        elif not distributed and getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            name = "mps"
-        else:
-            name = "cpu"
-    device = torch.device(name)
+    """``pick_device``'s choice; CUDA without an index is this process's GPU (``local_rank``)."""
+    device = torch.device(pick_device(name, mps=not distributed))
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise CocaError("--device cuda, but CUDA is not available")
         if device.index is None:
             device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    elif distributed and device.type not in ("cpu", "cuda"):
+    elif distributed and device.type != "cpu":
         raise CocaError(f"distributed training runs on CUDA or CPU, not {device.type}")
     return device
 
