@@ -141,10 +141,12 @@ def test_default_weights_follow_the_job_unless_the_model_name_brings_its_own():
         assert default_weights(name, None, captioning=True) == (name, None)
 
 
-def test_a_hub_name_that_does_not_resolve_means_the_cache_at_once(tmp_path, hub_files, monkeypatch):
-    """No DNS (no network): huggingface_hub would retry ~23 s before falling back to its cache or
-    failing; the cache is read at once instead, and an empty one fails in one line. With a proxy
-    set, names are the proxy's to resolve, so no verdict is drawn from our resolver."""
+@pytest.mark.parametrize("failure", ["no-dns", "refused"])
+def test_a_hub_that_cannot_be_reached_means_the_cache_at_once(tmp_path, hub_files, monkeypatch, failure):
+    """No DNS (no network), or a hub host that refuses connections (a firewall, a dead mirror):
+    huggingface_hub would retry ~23 s before falling back to its cache or failing; the cache is
+    read at once instead, and an empty one fails in one line. With a proxy set, names are the
+    proxy's to resolve, so no verdict is drawn from our resolver."""
     import socket
 
     import huggingface_hub
@@ -172,20 +174,28 @@ def test_a_hub_name_that_does_not_resolve_means_the_cache_at_once(tmp_path, hub_
     def no_dns(host, *args, **kwargs):
         raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
 
+    def resolved(host, port, *args, **kwargs):
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("203.0.113.7", port))]
+
+    def refused(address, *args, **kwargs):
+        raise ConnectionRefusedError(111, "Connection refused")
+
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # conftest sets it; users do not
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", spy)
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "https://hub.example")
-    monkeypatch.setattr(pretrained.socket, "getaddrinfo", no_dns)
+    monkeypatch.setattr(pretrained.socket, "getaddrinfo", no_dns if failure == "no-dns" else resolved)
+    monkeypatch.setattr(pretrained.socket, "create_connection", refused)
     for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.delenv(name, raising=False)
     assert pretrained.download("someone/coca-tiny", cache_dir=str(cache)) == online
     assert asked and all(asked)  # the cache only, never the network
+    why = "gaierror" if failure == "no-dns" else "ConnectionRefusedError"
     with pytest.raises(CocaError, match=r"^cannot download weights from Hugging Face \(someone/other\): no network "
-                                        r"or hub unreachable \(gaierror\)"):
+                                        rf"or hub unreachable \({why}\)"):
         pretrained.download("someone/other", cache_dir=str(cache))
 
     monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
-    assert pretrained._unresolved_hub() is None
+    assert pretrained._unreachable_hub() is None
 
 
 @pytest.mark.parametrize("how", ["offline-mode", "unreachable"])

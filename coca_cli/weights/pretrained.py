@@ -98,10 +98,10 @@ def download(repo: str, cache_dir: Optional[str] = None) -> Path:
     error telling how to pass a local file instead.
     """
     cache_dir = cache_dir or os.environ.get("COCA_CACHE_DIR")
-    unresolved = _unresolved_hub()
+    unreachable = _unreachable_hub()
     with _quiet_hub():
-        weights = _first_available(repo, (OPENCLIP_SAFE_WEIGHTS, OPENCLIP_WEIGHTS), cache_dir, unresolved)
-        _first_available(repo, (OPENCLIP_CONFIG,), cache_dir, unresolved, required=False)  # CoCa repos may lack it
+        weights = _first_available(repo, (OPENCLIP_SAFE_WEIGHTS, OPENCLIP_WEIGHTS), cache_dir, unreachable)
+        _first_available(repo, (OPENCLIP_CONFIG,), cache_dir, unreachable, required=False)  # CoCa repos may lack it
     return weights.parent
 
 
@@ -110,35 +110,46 @@ def download_config(repo: str, cache_dir: Optional[str] = None) -> Optional[Path
     None when the repository has none."""
     cache_dir = cache_dir or os.environ.get("COCA_CACHE_DIR")
     with _quiet_hub():
-        return _first_available(repo, (OPENCLIP_CONFIG,), cache_dir, _unresolved_hub(), required=False)
+        return _first_available(repo, (OPENCLIP_CONFIG,), cache_dir, _unreachable_hub(), required=False)
 
 
-def _unresolved_hub() -> Optional[OSError]:
-    """Why the hub's host name does not resolve here, or None when it does (or a proxy resolves
-    names for us). huggingface_hub retries a failed connection with backoff for ~23 s before it
-    gives up or falls back to its cache; a name that does not resolve means no network, so the
-    cache is all there is, and it is read at once."""
+HUB_CONNECT_TIMEOUT = 5.0  # seconds for the hub to accept a connection: a handshake, even far away
+
+
+def _unreachable_hub() -> Optional[OSError]:
+    """Why the hub cannot be reached from here, or None when it can (or a proxy stands between).
+
+    huggingface_hub retries a failed connection with backoff for ~23 s (longer where packets are
+    dropped) before it gives up or falls back to its cache. A host name that does not resolve,
+    or a host that refuses or never answers a connection, means the cache is all there is, and
+    it is read at once."""
     from urllib.parse import urlparse
     from urllib.request import getproxies
 
     from huggingface_hub import constants
 
-    host = urlparse(constants.ENDPOINT).hostname
-    if not host or getproxies():
+    endpoint = urlparse(constants.ENDPOINT)
+    host = endpoint.hostname
+    if not host or getproxies() or constants.HF_HUB_OFFLINE:  # offline: huggingface_hub reads the cache alone
         return None
     try:
-        socket.getaddrinfo(host, None)
+        port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+        socket.getaddrinfo(host, port)
     except socket.gaierror as err:
         return err
-    except (OSError, UnicodeError):  # anything else: let huggingface_hub find out
+    except (OSError, UnicodeError, ValueError):  # anything else: let huggingface_hub find out
         return None
+    try:
+        socket.create_connection((host, port), timeout=HUB_CONNECT_TIMEOUT).close()
+    except OSError as err:  # refused, unreachable network, timed out
+        return err
     return None
 
 
-def _first_available(repo: str, filenames, cache_dir, unresolved: Optional[OSError] = None,
+def _first_available(repo: str, filenames, cache_dir, unreachable: Optional[OSError] = None,
                      required: bool = True) -> Optional[Path]:
     """The first of ``filenames`` the repository has, downloaded (or found in the cache; only
-    there when the hub's name is ``unresolved``).
+    there when the hub is ``unreachable``).
 
     Only huggingface_hub's own exceptions are named: its transport library (requests in 0.x,
     httpx later) is not our dependency and changes between versions. A file the hub says it
@@ -151,11 +162,11 @@ def _first_available(repo: str, filenames, cache_dir, unresolved: Optional[OSErr
     not_cached = None
     for filename in filenames:
         try:
-            return Path(hf_hub_download(repo, filename, cache_dir=cache_dir, local_files_only=unresolved is not None))
+            return Path(hf_hub_download(repo, filename, cache_dir=cache_dir, local_files_only=unreachable is not None))
         except LocalEntryNotFoundError as err:  # not in the cache, and the hub was not asked or not reached
             if err.__cause__ is not None and not isinstance(err.__cause__, OfflineModeIsEnabled):
                 raise _offline(repo, err.__cause__) from None
-            not_cached = unresolved or err  # offline: another candidate may be cached
+            not_cached = unreachable or err  # offline: another candidate may be cached
         except EntryNotFoundError:
             continue
         except Exception as err:  # noqa: BLE001 - transport errors have no common base across versions
