@@ -90,6 +90,21 @@ def test_generate_decodes_in_the_last_calls_caches(model):
     assert {b.data_ptr() for b in _kept(model)} == {b.data_ptr() for b in kept}
 
 
+def test_training_mode_lets_go_of_what_decoding_kept(model):
+    """The KV caches and packed CPU weights a generate call leaves for the next are dropped when
+    the model goes back to training (which needs the memory, and makes packed weights stale)."""
+    from coca_cli.model import packed
+
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    first = model.generate(images, seq_len=8)
+    assert _kept(model) and any(p in packed._packs for p in model.parameters())
+    model.train()
+    assert not _kept(model) and not any(p in packed._packs for p in model.parameters())
+    model.eval()
+    assert torch.equal(model.generate(images, seq_len=8), first)
+    assert _kept(model)
+
+
 def test_reused_caches_are_never_read_before_written(model):
     """Steps through reorders and finished rows give the same logits in buffers a previous
     decoder left full of NaN as in fresh ones: no position is read before it is written."""

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import CLIPTextCfg, CLIPVisionCfg, CoCaConfig, MultimodalCfg
+from . import packed
 from .layers import BufferPool, LayerNorm, LayerNormFp32, QuickGELU
 from .text import MultimodalDecoder, TextTransformer
 from .vision import VisionTransformer
@@ -73,6 +74,14 @@ class CoCa(nn.Module):
                     init_logit_bias=cfg.init_logit_bias, cast_dtype=cast_dtype, **extra)
         model.config = cfg
         return model
+
+    def train(self, mode: bool = True) -> "CoCa":
+        """Training mode also lets go of what decoding keeps for its next call (KV caches, packed
+        CPU weights): hundreds of MB on large models, that training needs more."""
+        if mode:
+            self.decode_buffers.keep([])
+            packed.forget(self.parameters())
+        return super().train(mode)
 
     def set_grad_checkpointing(self, enable: bool = True):
         self.visual.set_grad_checkpointing(enable)

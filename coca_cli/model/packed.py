@@ -80,6 +80,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     return y if residual is None else residual + y
 
 
+def forget(parameters) -> None:
+    """Drop the packed copies of ``parameters``: a model going back to training needs the memory,
+    and its first update makes them stale anyway."""
+    for parameter in parameters:
+        _packs.pop(parameter, None)
+
+
 def _packed(weight: torch.Tensor, rows: int) -> Optional[torch.Tensor]:
     """The packed copy of ``weight`` (a parameter or a view of one), cached on that parameter.
 
