@@ -5,6 +5,7 @@ Downloads run against a local stand-in for the hub on 127.0.0.1 (tests/hub_serve
 
 import json
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -98,23 +99,32 @@ def test_hub_model_names_load_their_own_weights_without_a_default_tag(tmp_path, 
 
 def test_a_hub_tokenizer_downloads_the_config_and_not_the_weights(tmp_path, hub_files):
     """get_tokenizer('hf-hub:org/repo') needs the repository's open_clip config alone, as in
-    open_clip; a repository without one says so in one line."""
+    open_clip; a repository without one, or no network, is one line saying so."""
     _, files = hub_files
     code = ("import sys; from coca_cli import get_tokenizer; from coca_cli.errors import CocaError\n"
-            "tok = get_tokenizer('hf-hub:someone/coca-tiny'); print(tok.context_length, tuple(tok(['a dog']).shape))\n"
-            "try: get_tokenizer('hf-hub:laion/CoCa-ViT-B-32-laion2B-s13B-b90k')\n"
-            "except CocaError as err: print(err)")
+            "for repo in sys.argv[1:]:\n"
+            "    try: tok = get_tokenizer('hf-hub:' + repo); print(tok.context_length, tuple(tok(['a dog']).shape))\n"
+            "    except CocaError as err: print(err)")
+    laion = "laion/CoCa-ViT-B-32-laion2B-s13B-b90k"  # the hub serves its weights alone
+
+    def tokenizers(env, *repos):
+        result = subprocess.run([sys.executable, "-c", code, *repos], env=env, cwd=ROOT, capture_output=True,
+                                text=True, timeout=600)
+        assert result.returncode == 0, result.stderr
+        return result.stdout.splitlines()
+
     with HubServer(files) as hub:
         env = dict(os.environ, HF_ENDPOINT=hub.url, HF_HUB_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="0")
-        result = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True,
-                                timeout=600)
-        assert result.returncode == 0, result.stderr
-        assert result.stdout.splitlines() == [
+        assert tokenizers(env, "someone/coca-tiny", laion) == [
             "32 (1, 32)",  # coca_tiny's context length, from the downloaded config
-            "Hugging Face repository laion/CoCa-ViT-B-32-laion2B-s13B-b90k has no open_clip_config.json: "
-            "name the model it holds"]
+            f"Hugging Face repository {laion} has none of: open_clip_config.json"]
         assert hub.downloads("open_clip_config.json") == 1
         assert hub.downloads("open_clip_pytorch_model.bin") == 0
+    offline = dict(env, HF_HUB_OFFLINE="1")
+    cached, uncached = tokenizers(offline, "someone/coca-tiny", "someone/uncached")
+    assert cached == "32 (1, 32)"
+    assert re.fullmatch(r"cannot download open_clip_config.json from Hugging Face \(someone/uncached\): no network "
+                        r"or hub unreachable \(\w+\); name the model it holds instead", uncached), uncached
 
 
 def test_library_warnings_reach_the_terminal_as_one_line(tmp_path, hub_files, capsys):

@@ -16,8 +16,8 @@ from typing import Optional
 
 import torch
 
-from .checkpoint import (OPENCLIP_CONFIG, find_weights, load_tower_weights, load_weights as load_checkpoint,
-                         stored_config, stored_preprocess)
+from .checkpoint import (find_weights, load_tower_weights, load_weights as load_checkpoint, stored_config,
+                         stored_preprocess)
 from ..model.config import CoCaConfig, get_model_config, parameter_counts
 from ..errors import CocaError
 from ..model.coca import CoCa
@@ -291,10 +291,7 @@ def get_tokenizer(model_name: Optional[str] = "coca_ViT-B-32", context_length: O
     model_name, pretrained = split_model_name(model_name or None, pretrained)
     repo = hub_repo(None, pretrained) if model_name is None and pretrained is not None else None
     if repo is not None:  # the repository's config, not its weights
-        config = download_config(repo, cache_dir)
-        if config is None:
-            raise CocaError(f"Hugging Face repository {repo} has no {OPENCLIP_CONFIG}: name the model it holds")
-        cfg = get_model_config(config)
+        cfg = get_model_config(download_config(repo, cache_dir))
     elif model_name is None and pretrained is not None:
         cfg = resolve_config(None, pretrained, cache_dir)[0]  # the config stored with the weights
     else:

@@ -105,12 +105,12 @@ def download(repo: str, cache_dir: Optional[str] = None) -> Path:
     return weights.parent
 
 
-def download_config(repo: str, cache_dir: Optional[str] = None) -> Optional[Path]:
+def download_config(repo: str, cache_dir: Optional[str] = None) -> Path:
     """Fetch only a hub repository's open_clip config (what a tokenizer needs: weights are GBs);
-    None when the repository has none."""
+    one line says why when the repository has none or the hub cannot be reached."""
     cache_dir = cache_dir or os.environ.get("COCA_CACHE_DIR")
     with _quiet_hub():
-        return _first_available(repo, (OPENCLIP_CONFIG,), cache_dir, _unreachable_hub(), required=False)
+        return _first_available(repo, (OPENCLIP_CONFIG,), cache_dir, _unreachable_hub())
 
 
 HUB_CONNECT_TIMEOUT = 5.0  # seconds for the hub to accept a connection: a handshake, even far away
@@ -165,17 +165,17 @@ def _first_available(repo: str, filenames, cache_dir, unreachable: Optional[OSEr
             return Path(hf_hub_download(repo, filename, cache_dir=cache_dir, local_files_only=unreachable is not None))
         except LocalEntryNotFoundError as err:  # not in the cache, and the hub was not asked or not reached
             if err.__cause__ is not None and not isinstance(err.__cause__, OfflineModeIsEnabled):
-                raise _offline(repo, err.__cause__) from None
+                raise _offline(repo, err.__cause__, filenames) from None
             not_cached = unreachable or err  # offline: another candidate may be cached
         except EntryNotFoundError:
             continue
         except Exception as err:  # noqa: BLE001 - transport errors have no common base across versions
             if getattr(getattr(err, "response", None), "status_code", None) != 404:
-                raise _offline(repo, err) from None
+                raise _offline(repo, err, filenames) from None
     if not required:
         return None
     if not_cached is not None:
-        raise _offline(repo, not_cached)
+        raise _offline(repo, not_cached, filenames)
     raise CocaError(f"Hugging Face repository {repo} has none of: {', '.join(filenames)}")
 
 
@@ -192,11 +192,14 @@ def _quiet_hub():
         hub_logging.set_verbosity(level)
 
 
-def _offline(repo: str, err: Exception) -> CocaError:
+def _offline(repo: str, err: Exception, filenames=(OPENCLIP_WEIGHTS,)) -> CocaError:
+    why = f"no network or hub unreachable ({type(err).__name__})"
+    if OPENCLIP_CONFIG in filenames:  # only the config was asked for (a tokenizer)
+        return CocaError(f"cannot download {OPENCLIP_CONFIG} from Hugging Face ({repo}): {why}; "
+                         "name the model it holds instead")
     return CocaError(
-        f"cannot download weights from Hugging Face ({repo}): no network or hub unreachable "
-        f"({type(err).__name__}); download {OPENCLIP_WEIGHTS} from https://huggingface.co/{repo} "
-        f"and pass it with --pretrained PATH"
+        f"cannot download weights from Hugging Face ({repo}): {why}; download {OPENCLIP_WEIGHTS} from "
+        f"https://huggingface.co/{repo} and pass it with --pretrained PATH"
     )
 
 
