@@ -234,6 +234,18 @@ def test_shards_split_over_two_processes_through_torchrun(native, tmp_path):
     assert _shard_captions(double) == _shard_captions(single)
 
 
+def test_each_slurm_task_captions_its_share_of_the_shards(native, tmp_path, capsys, monkeypatch):
+    """Under `srun --ntasks 2` (no relaunch: SLURM started the processes) task 1 takes every second
+    shard from the second on, as a torchrun rank does; it used to caption all of them."""
+    shards = _write_shards(tmp_path / "shards", PHOTOS)
+    out = tmp_path / "captions"
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    assert run_cli("caption", "--data", shards, "--output", out, "--pretrained", native, *FAST, "--device", "cpu") == 0
+    assert [p.name for p in sorted(out.glob("*.jsonl"))] == ["train-0001.jsonl"]
+    assert capsys.readouterr().err.strip() == "train-0001.tar: 1 captioned, skipped 1 no image"
+
+
 def test_shard_options_need_an_output_folder(native, tmp_path, capsys):
     assert run_cli("caption", "--data", tmp_path, "--pretrained", native) == 2
     assert "--data needs --output DIR" in capsys.readouterr().err

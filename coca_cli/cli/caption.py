@@ -150,20 +150,17 @@ def _caption_files(paths, output, as_json, resume, device, batch_size, workers, 
 
 
 def _caption_shards(data, output, device, batch_size, seed, load, generation, scoring):
-    """This process's share of the shards; under torchrun each rank takes every N-th shard."""
-    import os
-
+    """This process's share of the shards; under torchrun or SLURM each rank takes every N-th shard."""
     from ..data.shards import BrokenShard, resolve_shards
-    from ..train.distributed import resolve_device
+    from ..train.distributed import process_place, resolve_device
     from ..tasks.recaption import caption_shard, my_shards
 
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    rank, world_size, local_rank = process_place()
     shards = resolve_shards(data)
     todo = my_shards(shards, output, rank, world_size)
     if not todo:
         err_console.print(f"all {len(shards)} shards are already captioned in {output}")
         return
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     net, transform, options = _load(resolve_device(device, local_rank, world_size > 1), seed, load, generation,
                                     scoring)
     broken = 0

@@ -127,20 +127,27 @@ def resolve_device(name: str, local_rank: int = 0, distributed: bool = False) ->
     return device
 
 
+def process_place(env=os.environ) -> tuple[int, int, int]:
+    """(rank, world size, local rank) of this process as torchrun or SLURM set it; (0, 1, 0) alone."""
+    if under_torchrun(env):
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"])
+    if under_slurm(env):
+        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", "0"))
+    return 0, 1, 0
+
+
 def init(device: str = "auto", timeout_minutes: float = 30) -> World:
     """Join the process group when started by torchrun or SLURM; a single process otherwise."""
     env = os.environ
+    if not launched(env):
+        return World(device=resolve_device(device))
+    rank, world_size, local_rank = process_place(env)
     if under_torchrun(env):
-        rank, world_size, local_rank = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"])
         init_method = "env://"
-    elif under_slurm(env):
-        rank, world_size = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
-        local_rank = int(env.get("SLURM_LOCALID", "0"))
+    else:
         if "MASTER_ADDR" not in env:
             raise CocaError("under SLURM, export MASTER_ADDR (the first node's address) and MASTER_PORT before srun")
         init_method = f"tcp://{env['MASTER_ADDR']}:{env.get('MASTER_PORT', '29500')}"
-    else:
-        return World(device=resolve_device(device))
     torch_device = resolve_device(device, local_rank, distributed=world_size > 1)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if torch_device.type == "cuda" else "gloo"
