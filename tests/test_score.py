@@ -182,6 +182,41 @@ def test_a_broken_shard_gets_no_scores_and_no_filtered_shards_are_written(native
     assert sorted(p.name for p in out.iterdir()) == ["00000.jsonl"]
 
 
+def test_two_processes_score_the_shards_and_the_launcher_filters_once(native, photo_dir, tmp_path, capfd,
+                                                                     monkeypatch):
+    """--gpus 2 (torchrun, CPU here): each process scores every second shard, then the launching
+    process filters once, over all the scores: the files one process writes. Under a launcher that
+    started the processes itself, a filter (which needs every shard's scores) is refused."""
+    shards = write_shards(tmp_path / "shards", photo_dir)
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = ["--pretrained", native, "--top-fraction", "0.6", "--device", "cpu"]
+    assert run_cli("score", shards, "--output", one, *common) == 0
+    capfd.readouterr()
+    assert run_cli("score", shards, "--output", two, *common, "--gpus", "2") == 0
+    err = capfd.readouterr().err.splitlines()
+    assert sorted(line for line in err if line.endswith("scored") or "skipped" in line) == [
+        "00000.tar: 3 scored", "00001.tar: 2 scored, skipped 1 no caption"]
+    assert err[-1] == f"kept 3 of 5 scored pairs (the top 0.6): wrote 2 shards to {two}"
+    for name in ("00000.jsonl", "00001.jsonl"):
+        a, b = ([json.loads(line) for line in (out / name).read_text().splitlines()] for out in (one, two))
+        assert [r["key"] for r in a] == [r["key"] for r in b]
+        assert [r["score"] for r in b] == pytest.approx([r["score"] for r in a], abs=1e-6)
+    assert json.loads((two / "sizes.json").read_text()) == json.loads((one / "sizes.json").read_text())
+    for name in ("00000.tar", "00001.tar"):
+        assert members(two / name) == members(one / name)
+
+    for name, value in (("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(name, value)
+    assert run_cli("score", shards, "--output", tmp_path / "three", *common) == 2
+    assert "a filter needs the scores of every shard" in capfd.readouterr().err
+    assert not (tmp_path / "three").exists()
+
+
+def test_a_table_is_scored_by_one_process(native, pairs, tmp_path, capsys):
+    assert run_cli("score", pairs, "--output", tmp_path / "s.csv", "--pretrained", native, "--gpus", "2") == 2
+    assert "--gpus splits shards over processes; a table is scored by one" in one_error_line(capsys)
+
+
 # -- bad input: one line, exit 2, nothing replaced -----------------------------------------------
 
 @pytest.mark.parametrize("args, message", [

@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from ..errors import CocaError
-from . import app, err_console, progress
+from . import app, command_line, err_console, progress
 from .classify import load_contrastive
 from .options import (BatchSizeOption, CaptionKeyOption, ContrastivePretrainedOption, DeviceOption, ImgKeyOption,
                       ModelOption, PrecisionOption, SeparatorOption, WorkersOption)
@@ -17,6 +17,7 @@ from .options import (BatchSizeOption, CaptionKeyOption, ContrastivePretrainedOp
 
 @app.command("score")
 def score_command(
+    ctx: typer.Context,
     data: str = typer.Argument(..., help="Image-caption pairs: a .csv/.tsv table (as `coca train --data` reads it) "
                                "or webdataset shards (a folder of .tar, a .tar, a brace pattern or a list joined "
                                "by '::')."),
@@ -27,6 +28,9 @@ def score_command(
     top_fraction: Optional[float] = typer.Option(None, "--top-fraction", help="Keep only this fraction of the "
                                                  "scored pairs, the highest-scoring (0.3: the best 30%)."),
     column: str = typer.Option("clip_score", "--column", help="Table: the name of the added column."),
+    gpus: Optional[int] = typer.Option(None, min=1, help="Shards: processes to split them over (relaunches through "
+                                       "torchrun; a filter then runs once, after all are scored) [default: all "
+                                       "visible GPUs, 1 on CPU]."),
     img_key: ImgKeyOption = "filepath",
     caption_key: CaptionKeyOption = "title",
     separator: SeparatorOption = None,
@@ -50,7 +54,7 @@ def score_command(
     Examples:
       coca score pairs.csv --output scored.csv
       coca score pairs.tsv --output best.tsv --top-fraction 0.3
-      coca score shards/ --output filtered/ --min-score 0.28
+      coca score shards/ --output filtered/ --min-score 0.28 --gpus 8
     """
     if min_score is not None and top_fraction is not None:
         raise CocaError("give --min-score or --top-fraction, not both")
@@ -65,7 +69,21 @@ def score_command(
     filtering = min_score is not None or top_fraction is not None
     filters = dict(min_score=min_score, top_fraction=top_fraction) if filtering else None
     if dataset_kind(data) == "csv":
+        if gpus is not None and gpus > 1:
+            raise CocaError("--gpus splits shards over processes; a table is scored by one")
         return _score_table(Path(data), output, column, img_key, caption_key, separator, filters, **options)
+    from ..train.distributed import default_processes, launched, relaunch
+
+    nproc = gpus or default_processes()
+    if nproc > 1 and not launched():  # the processes score their shares; the filter needs all of them
+        code = relaunch([*command_line(ctx, drop=("gpus", "min_score", "top_fraction")), "--", data], nproc)
+        if code:
+            return code
+        if filters:
+            from ..data.shards import resolve_shards
+
+            _filter_shards(output, resolve_shards(data), filters)
+        return 0
     return _score_shards(data, output, filters, **options)
 
 
@@ -93,15 +111,22 @@ def _score_table(data, output, column, img_key, caption_key, separator, filters,
 
 
 def _score_shards(data, output, filters, model, pretrained, device, precision, batch_size, workers):
+    """This process's share of the shards (every N-th under torchrun or SLURM), then the filter."""
     from ..data.shards import BrokenShard, resolve_shards
-    from ..tasks.recaption import shard_output
-    from ..tasks.scoring import check_shard_output, score_shard, write_filtered_shards
+    from ..tasks.recaption import my_shards
+    from ..tasks.scoring import check_shard_output, score_shard
+    from ..train.distributed import process_place, resolve_device
 
+    rank, world_size, local_rank = process_place()
+    if filters and world_size > 1:
+        raise CocaError("a filter needs the scores of every shard: score them with several processes first, "
+                        "then filter in one (or let --gpus launch the processes)")
     shards = resolve_shards(data)
     check_shard_output(output, shards)
-    todo = [shard for shard in shards if not shard_output(output, shard).exists()]
+    mine, todo = shards[rank::world_size], my_shards(shards, output, rank, world_size)
     broken = 0
     if todo:
+        device = str(resolve_device(device, local_rank, world_size > 1))
         net, transform, tokenizer = load_contrastive(model, pretrained, device, precision)
         for shard in todo:
             try:
@@ -111,14 +136,20 @@ def _score_shards(data, output, filters, model, pretrained, device, precision, b
                 err_console.print(f"{err}: no scores written for it")
                 continue
             err_console.print(report.line("scored"))
-    if len(todo) < len(shards):
-        err_console.print(f"{len(shards) - len(todo)} of {len(shards)} shards were already scored in {output}")
+    if len(todo) < len(mine):
+        err_console.print(f"{len(mine) - len(todo)} of {len(mine)} shards were already scored in {output}")
     if broken:
         raise CocaError(f"{broken} of {len(todo)} shards could not be read whole; run again to retry them"
                         + (" (no filtered shards were written)" if filters else ""), exit_code=1)
     if filters:
-        kept, scored = write_filtered_shards(output, shards, **filters)
-        err_console.print(_summary(kept, scored, filters) + f": wrote {len(shards)} shards to {output}")
+        _filter_shards(output, shards, filters)
+
+
+def _filter_shards(output, shards, filters):
+    from ..tasks.scoring import write_filtered_shards
+
+    kept, scored = write_filtered_shards(output, shards, **filters)
+    err_console.print(_summary(kept, scored, filters) + f": wrote {len(shards)} shards to {output}")
 
 
 def _summary(kept: Optional[int], scored: int, filters: Optional[dict]) -> str:
