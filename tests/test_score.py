@@ -212,6 +212,17 @@ def test_two_processes_score_the_shards_and_the_launcher_filters_once(native, ph
     assert not (tmp_path / "three").exists()
 
 
+def test_processes_that_fail_end_with_their_own_line_and_exit_code(photo_dir, tmp_path, capfd):
+    """Under --gpus, torchrun used to follow the processes' one-line errors with its traceback and
+    failure report, and exit 1 whatever they exited with (train.torchrun)."""
+    shards = write_shards(tmp_path / "shards", photo_dir)
+    assert run_cli("score", shards, "--output", tmp_path / "out", "--pretrained", tmp_path / "absent",
+                   "--gpus", "2", "--device", "cpu") == 2
+    err = capfd.readouterr().err.splitlines()
+    assert err == [f"coca: error: pretrained weights '{tmp_path / 'absent'}' not found: no such file or "
+                   "published tag"] * 2
+
+
 def test_a_table_is_scored_by_one_process(native, pairs, tmp_path, capsys):
     assert run_cli("score", pairs, "--output", tmp_path / "s.csv", "--pretrained", native, "--gpus", "2") == 2
     assert "--gpus splits shards over processes; a table is scored by one" in one_error_line(capsys)

@@ -122,7 +122,7 @@ def test_launcher_detection_and_torchrun_command(monkeypatch):
     assert launched({"SLURM_PROCID": "3", "SLURM_NTASKS": "8"})
     assert not launched({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"})  # one task may start torchrun itself
     cmd = torchrun_command(["train", "--data", "x.csv"], 4)
-    assert cmd[1:] == ["-m", "torch.distributed.run", "--nproc_per_node", "4", "--standalone",
+    assert cmd[1:] == ["-m", "coca_cli.train.torchrun", "--nproc_per_node", "4", "--standalone",
                        "-m", "coca_cli", "train", "--data", "x.csv"]
     cmd = torchrun_command(["train"], 8, nnodes=2, node_rank=1, master_addr="10.0.0.1", master_port=1234)
     assert cmd[5:13] == ["--nnodes", "2", "--node_rank", "1", "--master_addr", "10.0.0.1", "--master_port", "1234"]

@@ -74,8 +74,9 @@ def default_workers(most: int = 4, env=os.environ) -> int:
 
 def torchrun_command(args: Sequence[str], nproc: int, nnodes: int = 1, node_rank: int = 0,
                      master_addr: Optional[str] = None, master_port: int = 29500) -> list[str]:
-    """The torchrun command line running ``coca <args>`` in each of ``nproc`` local processes."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
+    """The torchrun command line running ``coca <args>`` in each of ``nproc`` local processes
+    (torchrun as ``train.torchrun`` runs it: no traceback when a process fails)."""
+    cmd = [sys.executable, "-m", "coca_cli.train.torchrun", "--nproc_per_node", str(nproc)]
     if nnodes == 1 and master_addr is None:
         cmd += ["--standalone"]  # a free local port: several runs can share a machine
     else:
@@ -108,7 +109,7 @@ def relaunch(args: Sequence[str], nproc: int, nnodes: int = 1, node_rank: int = 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         code = child.wait()
-        # torchrun reports any worker failure as 1; after a signal, say which (143: SIGTERM, 130: Ctrl-C)
+        # after a signal, say which (143: SIGTERM, 130: Ctrl-C) whatever the processes made of it
         return 128 + received[0] if code and received else code
     finally:
         for sig, handler in previous.items():
