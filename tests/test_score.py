@@ -212,15 +212,30 @@ def test_two_processes_score_the_shards_and_the_launcher_filters_once(native, ph
     assert not (tmp_path / "three").exists()
 
 
-def test_processes_that_fail_end_with_their_own_line_and_exit_code(photo_dir, tmp_path, capfd):
-    """Under --gpus, torchrun used to follow the processes' one-line errors with its traceback and
-    failure report, and exit 1 whatever they exited with (train.torchrun)."""
+def test_processes_that_fail_end_with_their_own_line_and_exit_code(tmp_path):
+    """coca's torchrun (train.torchrun, which every --gpus relaunch runs): torchrun itself followed
+    the processes' one-line errors with its traceback and failure report, and exited 1 whatever
+    they exited with."""
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    result = subprocess.run([sys.executable, "-m", "coca_cli.train.torchrun", "--nproc_per_node", "2", "--standalone",
+                             "-m", "coca_cli", "score", "missing/", "--output", "out", "--device", "cpu"],
+                            capture_output=True, text=True, cwd=tmp_path, env=subprocess_env(), timeout=600)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == ["coca: error: no such file or folder of shards: missing/"] * 2
+
+
+def test_weights_that_cannot_be_loaded_fail_once_before_processes_start(photo_dir, tmp_path, capfd):
+    """Checked (and downloaded) once by the launching process, not in every one (prefetch)."""
     shards = write_shards(tmp_path / "shards", photo_dir)
-    assert run_cli("score", shards, "--output", tmp_path / "out", "--pretrained", tmp_path / "absent",
-                   "--gpus", "2", "--device", "cpu") == 2
-    err = capfd.readouterr().err.splitlines()
-    assert err == [f"coca: error: pretrained weights '{tmp_path / 'absent'}' not found: no such file or "
-                   "published tag"] * 2
+    for command in (["score", shards], ["caption", "--data", shards], ["embed", shards]):
+        assert run_cli(*command, "--output", tmp_path / "out", "--pretrained", tmp_path / "absent", "--gpus", "2",
+                       "--device", "cpu") == 2
+        assert capfd.readouterr().err.splitlines() == [
+            f"coca: error: pretrained weights '{tmp_path / 'absent'}' not found: no such file or published tag"]
 
 
 def test_a_table_is_scored_by_one_process(native, pairs, tmp_path, capsys):

@@ -92,6 +92,9 @@ def caption_command(
 
         nproc = gpus or default_processes()
         if nproc > 1 and not launched():
+            from ..weights.factory import prefetch
+
+            prefetch(model, pretrained)  # one line (and one download) here, not one in every process
             return relaunch(command_line(ctx, drop=("gpus",)), nproc)
         return _caption_shards(data, output, device, batch_size, seed, load, generation, scoring)
     return _caption_files(paths, output, as_json, resume, device, batch_size, workers, seed, load, generation,

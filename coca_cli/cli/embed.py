@@ -11,7 +11,7 @@ import typer
 from ..devices import pick_device
 from ..errors import CocaError
 from . import app, command_line, err_console, progress
-from .classify import load_contrastive
+from .classify import load_contrastive, with_defaults
 from .options import (BatchSizeOption, CaptionKeyOption, ContrastivePretrainedOption, DeviceOption, ImgKeyOption,
                       ModelOption, PrecisionOption, SeparatorOption, WorkersOption)
 
@@ -82,6 +82,9 @@ def embed_command(
 
     nproc = gpus or default_processes()
     if nproc > 1 and not launched():
+        from ..weights.factory import prefetch
+
+        prefetch(*with_defaults(model, pretrained))  # one line (and one download) here, not one in every process
         return relaunch([*command_line(ctx, drop=("gpus",)), "--", *inputs], nproc)
     return _embed(folder, model, pretrained, device, precision, batch_size, workers)
 

@@ -10,7 +10,7 @@ import typer
 
 from ..errors import CocaError
 from . import app, command_line, err_console, progress
-from .classify import load_contrastive
+from .classify import load_contrastive, with_defaults
 from .options import (BatchSizeOption, CaptionKeyOption, ContrastivePretrainedOption, DeviceOption, ImgKeyOption,
                       ModelOption, PrecisionOption, SeparatorOption, WorkersOption)
 
@@ -76,6 +76,9 @@ def score_command(
 
     nproc = gpus or default_processes()
     if nproc > 1 and not launched():  # the processes score their shares; the filter needs all of them
+        from ..weights.factory import prefetch
+
+        prefetch(*with_defaults(model, pretrained))  # one line (and one download) here, not one in every process
         code = relaunch([*command_line(ctx, drop=("gpus", "min_score", "top_fraction")), "--", data], nproc)
         if code:
             return code

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -108,13 +107,11 @@ def preflight(cfg: TrainConfig) -> None:
     from ..data.datasets import dataset_kind
     from ..data.shards import resolve_shards, shard_sizes
     from ..data.tables import read_table
-    from ..weights.factory import resolve_config, split_model_name
+    from ..weights.factory import prefetch
 
     cfg.check()
     check_reporters(cfg.report_to)
-    with warnings.catch_warnings():  # each process says it again when it loads them
-        warnings.simplefilter("ignore")
-        resolve_config(*split_model_name(cfg.model, cfg.pretrained))  # downloads once, for every process
+    prefetch(cfg.model, cfg.pretrained)
     if cfg.compile:  # the processes use CUDA when there is one (distributed.resolve_device)
         check_compile("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
     for spec in filter(None, (cfg.data, cfg.val_data)):

@@ -109,6 +109,15 @@ def _physical_memory() -> Optional[int]:
         return None
 
 
+def prefetch(model_name: Optional[str], pretrained: Optional[str] = None, cache_dir: Optional[str] = None) -> None:
+    """Check, and download once, the config and weights that ``create_model`` would load, failing
+    in one line: before a command starts a process per GPU, each of which would otherwise fail (or
+    download) on its own. Warnings are left to the processes, which say them when they load."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        resolve_config(*split_model_name(model_name, pretrained), cache_dir)
+
+
 def split_model_name(model_name: Optional[str], pretrained) -> tuple[Optional[str], Optional[str]]:
     """open_clip's ``hf-hub:org/repo`` and ``local-dir:PATH`` model names: weights that carry their
     config, which here are ``pretrained`` with no model name. open_clip then ignores ``pretrained``."""
