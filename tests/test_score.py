@@ -229,13 +229,17 @@ def test_processes_that_fail_end_with_their_own_line_and_exit_code(tmp_path):
 
 
 def test_weights_that_cannot_be_loaded_fail_once_before_processes_start(photo_dir, tmp_path, capfd):
-    """Checked (and downloaded) once by the launching process, not in every one (prefetch)."""
+    """Checked (and downloaded) once by the launching process, not in every one (prefetch); so is
+    score's output folder."""
     shards = write_shards(tmp_path / "shards", photo_dir)
     for command in (["score", shards], ["caption", "--data", shards], ["embed", shards]):
         assert run_cli(*command, "--output", tmp_path / "out", "--pretrained", tmp_path / "absent", "--gpus", "2",
                        "--device", "cpu") == 2
         assert capfd.readouterr().err.splitlines() == [
             f"coca: error: pretrained weights '{tmp_path / 'absent'}' not found: no such file or published tag"]
+    assert run_cli("score", shards, "--output", photo_dir, "--pretrained", tmp_path / "absent", "--gpus", "2") == 2
+    [line] = capfd.readouterr().err.splitlines()
+    assert "holds files coca did not write" in line
 
 
 def test_a_table_is_scored_by_one_process(native, pairs, tmp_path, capsys):

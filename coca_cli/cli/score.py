@@ -76,16 +76,18 @@ def score_command(
 
     nproc = gpus or default_processes()
     if nproc > 1 and not launched():  # the processes score their shares; the filter needs all of them
+        from ..data.shards import resolve_shards
+        from ..tasks.scoring import check_shard_output
         from ..weights.factory import prefetch
 
-        prefetch(*with_defaults(model, pretrained))  # one line (and one download) here, not one in every process
+        shards = resolve_shards(data)
+        check_shard_output(output, shards)  # one line (and one download) here, not one in every process
+        prefetch(*with_defaults(model, pretrained))
         code = relaunch([*command_line(ctx, drop=("gpus", "min_score", "top_fraction")), "--", data], nproc)
         if code:
             return code
         if filters:
-            from ..data.shards import resolve_shards
-
-            _filter_shards(output, resolve_shards(data), filters)
+            _filter_shards(output, shards, filters)
         return 0
     return _score_shards(data, output, filters, **options)
 
