@@ -107,9 +107,7 @@ class Trainer:
                              world_size=world.world_size)
         self.optimizer = make_optimizer(self.model, cfg)
         # after the optimizer, which then holds what it held before (checkpoints of older runs resume)
-        self.frozen = freeze_unreached(self.model, self._blank_sample_loss())  # what no weighted loss trains
-        if not any(p.requires_grad for p in self.model.parameters()):
-            raise CocaError("no unlocked parameter is reached by a loss with a weight above 0: nothing to train")
+        freeze_unreached(self.model, self._blank_sample_loss())  # what no weighted loss trains
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "amp")
         self.autocast_dtype = {"amp": torch.float16, "amp_bf16": torch.bfloat16}.get(precision)
         self.ddp = None

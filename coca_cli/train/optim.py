@@ -36,21 +36,17 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
         return torch.optim.AdamW(groups, **kwargs)
 
 
-def freeze_unreached(model: nn.Module, loss: torch.Tensor) -> list[str]:
+def freeze_unreached(model: nn.Module, loss: torch.Tensor) -> None:
     """Freeze the trainable parameters that ``loss`` (the training objective, on any batch) does
-    not reach, and return their names: those only a zero-weighted loss would train (with
+    not reach: those only a zero-weighted loss would train (with
     ``--coca-contrastive-loss-weight 0`` the logit scale and the projections to the shared
     embedding). They never get a gradient, so AdamW skips them (an optimizer may keep holding
     them); frozen, DDP expects no gradient for them and needs no search for unused parameters
     every step."""
-    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
-    frozen = []
-    for (name, param), grad in zip(named, grads):
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for param, grad in zip(trainable, torch.autograd.grad(loss, trainable, allow_unused=True)):
         if grad is None:
             param.requires_grad_(False)
-            frozen.append(name)
-    return frozen
 
 
 def cosine_lr(step: int, base_lr: float, warmup: int, total: int) -> float:

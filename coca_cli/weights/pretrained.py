@@ -10,7 +10,7 @@ import contextlib
 import os
 import socket
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from .checkpoint import OPENCLIP_CONFIG, OPENCLIP_SAFE_WEIGHTS, OPENCLIP_WEIGHTS
 from ..model.config import suggest
@@ -192,7 +192,7 @@ def _quiet_hub():
         hub_logging.set_verbosity(level)
 
 
-def _offline(repo: str, err: Exception, filenames=(OPENCLIP_WEIGHTS,)) -> CocaError:
+def _offline(repo: str, err: Exception, filenames: Sequence[str]) -> CocaError:
     why = f"no network or hub unreachable ({type(err).__name__})"
     if OPENCLIP_CONFIG in filenames:  # only the config was asked for (a tokenizer)
         return CocaError(f"cannot download {OPENCLIP_CONFIG} from Hugging Face ({repo}): {why}; "
